@@ -1,0 +1,67 @@
+"""The `alignloop` command line.
+
+Each subpackage registers its own commands through an `add_commands(subparsers)` function in its `cli`
+module (and benchmarks through `add_benchmarks(bench_subparsers)`), so this file stays a table of
+contents. Heavy imports (torch, diffusers) happen inside the command functions, keeping `--help` fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute commands; each exposes add_commands and/or add_benchmarks.
+COMMAND_MODULES = [
+    "alignloop.world.cli",
+    "alignloop.generate_cli",
+    "alignloop.feedback.cli",
+    "alignloop.serving.cli",
+    "alignloop.kernels.cli",
+    "alignloop.trainer.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignloop",
+        description="Text-to-image serving that learns from its users: reward-ranked best-k-of-n sampling, "
+        "thumbs feedback over Kafka, reward-model and LoRA training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: one JSON object on the last line with the machine, settings and a headline ratio",
+        description="Benchmarks compare side by side in one run and print one JSON object on the last line.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="NAME")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # a stage not built yet contributes no commands
+                continue
+            raise
+        if hasattr(module, "add_commands"):
+            module.add_commands(sub)
+        if hasattr(module, "add_benchmarks"):
+            module.add_benchmarks(bench_sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except UserFacingError as err:
+        print(f"alignloop: error: {err}", file=sys.stderr)
+        return 2
+
+
+class UserFacingError(Exception):
+    """An error whose message tells the user what to do; printed without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
