@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from alignloop.errors import UserFacingError  # noqa: F401  (re-exported for command modules)
+
 # Modules that contribute commands; each exposes add_commands and/or add_benchmarks.
 COMMAND_MODULES = [
     "alignloop.world.cli",
@@ -57,10 +59,6 @@ def main(argv=None) -> int:
     except UserFacingError as err:
         print(f"alignloop: error: {err}", file=sys.stderr)
         return 2
-
-
-class UserFacingError(Exception):
-    """An error whose message tells the user what to do; printed without a traceback."""
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ def load_generator(spec: str = BUNDLED_GENERATOR, device=None, dtype=None, progr
 
     device, dtype = resolve_device_dtype(device, dtype)
     location = resolve_generator(spec)
+    if not progress:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             location, dtype=dtype, safety_checker=None, requires_safety_checker=False,

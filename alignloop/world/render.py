@@ -81,3 +81,9 @@ def render_scene(scene: Scene) -> np.ndarray:
 def render(prompt: Prompt, rng: Optional[random.Random] = None, avoid_unseen: bool = True) -> np.ndarray:
     """A ground-truth image for the prompt."""
     return render_scene(sample_scene(prompt, rng or random.Random(), avoid_unseen))
+
+
+def render_batch(prompts, rng: random.Random, avoid_unseen: bool = True):
+    """(images uint8 [B, 32, 32, 3], scenes) for a list of prompts."""
+    scenes = [sample_scene(p, rng, avoid_unseen) for p in prompts]
+    return np.stack([render_scene(s) for s in scenes]), scenes

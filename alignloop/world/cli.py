@@ -1,0 +1,131 @@
+"""`alignloop world ...`: train the bundled models, evaluate generators and CLIPs against the oracle."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from alignloop.settings import home
+
+
+def add_commands(sub) -> None:
+    world = sub.add_parser("world", help="the shapes world: train the bundled models, evaluate against the oracle",
+                           description="The shapes world: train the bundled tiny models and measure models "
+                                       "against the oracle judge.")
+    ws = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+
+    from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
+
+    p = ws.add_parser("train-generator", help="train the tiny Stable Diffusion pipeline (resumable)",
+                      description="Train the tiny SD-architecture pipeline (AutoencoderKL, then UNet + CLIP text "
+                                  "encoder) on world renders of seen prompts. Resumes from --work-dir.")
+    p.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: the bundled one)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/generator)")
+    _add_config_args(p, GeneratorTrainConfig())
+    p.set_defaults(func=_train_generator)
+
+    p = ws.add_parser("train-clip", help="train the tiny open_clip model (resumable)",
+                      description="Train the tiny open_clip model contrastively on world renders and on generator "
+                                  "samples captioned by the oracle. Resumes from --work-dir.")
+    p.add_argument("--out", type=Path, default=None, help="open_clip folder to write (default: the bundled one)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/clip)")
+    p.add_argument("--generator", default="shapes-sd-tiny",
+                   help="generator whose samples join the training data ('none' for renders only)")
+    _add_config_args(p, ClipTrainConfig())
+    p.set_defaults(func=_train_clip)
+
+    p = ws.add_parser("eval", help="oracle pass rates of a generator on a split",
+                      description="Generate --per-prompt images for every prompt of the split and judge them with "
+                                  "the oracle. With --json the last line is one JSON object.")
+    p.add_argument("--generator", default="shapes-sd-tiny", help="bundled name, diffusers folder or hub id")
+    p.add_argument("--split", choices=("seen", "unseen", "all"), default="unseen")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--max-prompts", type=int, default=None, help="evaluate a fixed random subset of the split")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.set_defaults(func=_eval)
+
+    p = ws.add_parser("eval-clip", help="how often a CLIP picks the true prompt of a render among 10",
+                      description="Retrieval accuracy: the true prompt against 9 random prompts that the oracle "
+                                  "says are false for the render.")
+    p.add_argument("--clip", default="shapes-clip-tiny", help="bundled name or an open_clip folder")
+    p.add_argument("--split", choices=("seen", "unseen", "all"), default="all")
+    p.add_argument("--renders", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.set_defaults(func=_eval_clip)
+
+
+def _add_config_args(parser, config) -> None:
+    for field in dataclasses.fields(config):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(getattr(config, field.name)), default=getattr(config, field.name),
+                            help=f"(default {getattr(config, field.name)})")
+
+
+def _config_from_args(args, cls):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _train_generator(args) -> int:
+    from alignloop.models import bundled_generator_dir
+    from alignloop.world.config import GeneratorTrainConfig
+    from alignloop.world.train import train_generator
+
+    out = train_generator(args.out or bundled_generator_dir(), args.work_dir or home() / "train" / "generator",
+                          _config_from_args(args, GeneratorTrainConfig))
+    print(f"wrote {out}")
+    return 0
+
+
+def _train_clip(args) -> int:
+    from alignloop.models import bundled_clip_dir, resolve_generator
+    from alignloop.world.config import ClipTrainConfig
+    from alignloop.world.train import train_clip
+
+    generator = None if args.generator == "none" else Path(resolve_generator(args.generator))
+    out = train_clip(args.out or bundled_clip_dir(), args.work_dir or home() / "train" / "clip",
+                     _config_from_args(args, ClipTrainConfig), generator_dir=generator)
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from alignloop.errors import UserFacingError
+    from alignloop.models import ModelNotFoundError, load_generator
+    from alignloop.world.evaluate import evaluate_generator
+
+    if args.per_prompt < 1:
+        raise UserFacingError(f"--per-prompt must be >= 1, got {args.per_prompt}")
+    try:
+        pipe = load_generator(args.generator, device=args.device)
+    except ModelNotFoundError as err:
+        raise UserFacingError(str(err)) from err
+    result = evaluate_generator(pipe, args.split, args.per_prompt, args.steps, args.guidance, args.seed,
+                                args.max_prompts)
+    result["generator"] = args.generator
+    if not args.json:
+        print(f"overall {result['overall']:.3f}  aspects {result['aspects']}  categories {result['categories']}")
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+def _eval_clip(args) -> int:
+    from alignloop.errors import UserFacingError
+    from alignloop.models import ModelNotFoundError, load_clip
+    from alignloop.world.evaluate import evaluate_clip_retrieval
+
+    try:
+        clip = load_clip(args.clip, device="cpu")
+    except ModelNotFoundError as err:
+        raise UserFacingError(str(err)) from err
+    result = evaluate_clip_retrieval(clip, args.split, args.renders, seed=args.seed)
+    result["clip"] = args.clip
+    print(json.dumps(result) if args.json else f"retrieval accuracy {result['accuracy']:.3f} "
+          f"({result['renders']} renders, 1 of {result['candidates']})")
+    return 0

@@ -1,0 +1,30 @@
+"""Training configs of the bundled models; saved with every checkpoint and exported model."""
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class GeneratorTrainConfig:
+    seed: int = 0
+    vae_steps: int = 800  # phase 1 optimizer steps
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6  # tiny, as in SD: the latent only needs to be roughly Gaussian
+    unet_steps: int = 4000  # phase 2 optimizer steps (UNet + text encoder)
+    unet_lr: float = 5e-4
+    warmup_steps: int = 100
+    batch_size: int = 64
+    uncond_prob: float = 0.1  # share of empty prompts, for classifier-free guidance
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250  # steps between resumable checkpoints
+
+
+@dataclasses.dataclass
+class ClipTrainConfig:
+    seed: int = 0
+    steps: int = 2500
+    lr: float = 1e-3
+    batch_size: int = 256
+    warmup_steps: int = 100
+    generated_share: float = 0.25  # share of each batch drawn from generator samples (when given)
+    generated_pool: int = 2048  # generator samples drawn once before training
+    checkpoint_every: int = 250

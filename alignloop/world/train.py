@@ -1,0 +1,289 @@
+"""Training of the bundled tiny models on the shapes world, on CPU, with project code only.
+
+Two jobs, each resumable from its last checkpoint in --work-dir and seeded:
+- the generator: an AutoencoderKL (phase 1), then a UNet2DConditionModel and a CLIP text encoder trained
+  together with the epsilon-prediction loss, 10% empty prompts for classifier-free guidance, and an EMA of
+  the UNet weights (phase 2); exported as a diffusers StableDiffusionPipeline folder;
+- the CLIP: a tiny open_clip model trained contrastively on world renders and on generator samples captioned
+  by what the oracle found in them (so the scorer knows the generator's own look, and is not told that a
+  wrong sample matches its prompt); exported as an open_clip folder.
+Only prompts and combinations of the 'seen' split are trained on.
+"""
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from alignloop import models
+from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
+from alignloop.world.grammar import CATEGORIES, COUNT_WORDS, Prompt, all_prompts, sample_prompts
+from alignloop.world.oracle import judge
+from alignloop.world.render import render_batch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,H,W] in [-1, 1] (the diffusers convention)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def fn(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return fn
+
+
+def _rng_state(rng: random.Random) -> dict:
+    return {"python": rng.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rng: random.Random, state: dict) -> None:
+    rng.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig, progress: bool = True) -> Path:
+    """Trains and exports the tiny Stable Diffusion pipeline to out_dir; resumes from work_dir."""
+    from diffusers import StableDiffusionPipeline
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    vae, unet, text_encoder, scheduler = models.build_tiny_generator_components()
+    tokenizer = models.build_clip_tokenizer(work_dir / "tokenizer")
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    unet_opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=config.unet_lr,
+                                 weight_decay=1e-2)
+    unet_sched = torch.optim.lr_scheduler.LambdaLR(unet_opt, _lr_lambda(config.warmup_steps, config.unet_steps))
+    state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "log": []}
+
+    ckpt_path = work_dir / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["config"] != dataclasses.asdict(config):
+            raise ValueError(f"{ckpt_path} was written with another config; use a fresh --work-dir or the same "
+                             f"settings. saved={ckpt['config']}")
+        vae.load_state_dict(ckpt["vae"]), unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"]), vae_opt.load_state_dict(ckpt["vae_opt"])
+        unet_opt.load_state_dict(ckpt["unet_opt"]), unet_sched.load_state_dict(ckpt["unet_sched"])
+        ema, state = ckpt["ema"], ckpt["state"]
+        _set_rng_state(rng, ckpt["rng"])
+        print(f"resumed from {ckpt_path}: vae step {state['vae_step']}, unet step {state['unet_step']}")
+
+    def checkpoint():
+        _save_atomic({"config": dataclasses.asdict(config), "vae": vae.state_dict(), "unet": unet.state_dict(),
+                      "text_encoder": text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
+                      "unet_opt": unet_opt.state_dict(), "unet_sched": unet_sched.state_dict(), "ema": ema,
+                      "state": state, "rng": _rng_state(rng)}, ckpt_path)
+
+    def batch():
+        images, _ = render_batch(sample_prompts(rng, config.batch_size, "seen"), rng)
+        return images
+
+    #### PHASE 1: AUTOENCODER ####
+    vae.train()
+    bar = tqdm(range(state["vae_step"], config.vae_steps), desc="vae", disable=not progress,
+               initial=state["vae_step"], total=config.vae_steps)
+    for step in bar:
+        x = to_tensor(batch())  # [B,3,32,32]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + config.vae_kl_weight * posterior.kl().mean()
+        vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        vae_opt.step()
+        state["vae_step"] = step + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state["vae_step"] % config.checkpoint_every == 0:
+            state["log"].append({"phase": "vae", "step": step + 1, "loss": loss.item()})
+            checkpoint()
+    vae.eval().requires_grad_(False)
+    if state["scaling_factor"] is None:
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(to_tensor(batch())).latent_dist.mean for _ in range(8)])
+        state["scaling_factor"] = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does
+        checkpoint()
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+
+    #### PHASE 2: UNET + TEXT ENCODER ####
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(state["unet_step"], config.unet_steps), desc="unet", disable=not progress,
+               initial=state["unet_step"], total=config.unet_steps)
+    for step in bar:
+        prompts = sample_prompts(rng, config.batch_size, "seen")
+        images, _ = render_batch(prompts, rng)
+        texts = ["" if rng.random() < config.uncond_prob else p.text for p in prompts]
+        with torch.no_grad():
+            latents = vae.encode(to_tensor(images)).latent_dist.sample() * state["scaling_factor"]  # [B,4,16,16]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = scheduler.add_noise(latents, noise, t)
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids  # [B,16]
+        hidden = text_encoder(ids)[0]  # [B,16,64]
+        loss = F.mse_loss(unet(noisy, t, hidden).sample, noise)
+        unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        unet_opt.step()
+        unet_sched.step()
+        with torch.no_grad():  # EMA of the UNet: samples from averaged weights are markedly cleaner
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        state["unet_step"] = step + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{unet_sched.get_last_lr()[0]:.1e}")
+        if state["unet_step"] % config.checkpoint_every == 0:
+            state["log"].append({"phase": "unet", "step": step + 1, "loss": loss.item()})
+            checkpoint()
+    checkpoint()
+
+    #### EXPORT ####
+    unet.load_state_dict(ema)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out_dir))
+    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "log": state["log"]},
+                                                      indent=1))
+    return out_dir
+
+
+def consistent_captions(count: int, shape: str, color, background) -> list:
+    """Every world prompt that is true of a scene with these attributes."""
+    out = [Prompt("count", count, shape).text]
+    if color and background:
+        out.append(Prompt("combination", count, shape, color=color, background=background).text)
+    if count == 1 and color:
+        out.append(Prompt("color", 1, shape, color=color).text)
+    if count == 1 and background:
+        out.append(Prompt("background", 1, shape, background=background).text)
+    return out
+
+
+def generated_pool(generator_dir: Path, size: int, rng: random.Random, steps: int = 20, guidance: float = 5.0,
+                   progress: bool = True):
+    """Generator samples of seen prompts with captions of what the oracle found in them.
+
+    Returns (images uint8 [N,32,32,3], list of caption lists); samples whose content is not a well-formed
+    scene (no objects, more than 4, mixed shapes) are dropped.
+    """
+    from alignloop.world.oracle import _labels, classify_shape  # noqa: F401  (shape check below)
+
+    pipe = models.load_generator(str(generator_dir), device="cpu")
+    images, captions = [], []
+    prompts = sample_prompts(rng, size, "seen")
+    for i in tqdm(range(0, size, 32), desc="generator samples", disable=not progress):
+        chunk = prompts[i:i + 32]
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        out = pipe([p.text for p in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                   height=32, width=32, output_type="np").images
+        for image in (out * 255).round().astype(np.uint8):
+            found = _describe(image)
+            if found:
+                images.append(image)
+                captions.append(found)
+    return np.stack(images), captions
+
+
+def _describe(image: np.ndarray):
+    """Captions true of a generated image according to the oracle, or None if it is not a clean scene."""
+    probe = judge(image, Prompt("count", 1, "circle"))  # any prompt: we read what was found
+    if probe.found_color is None or not 1 <= probe.found_count <= max(COUNT_WORDS):
+        return None
+    shapes = {s for s in ("circle", "square", "triangle")
+              if judge(image, Prompt("count", probe.found_count, s)).passed}
+    if len(shapes) != 1:
+        return None
+    return consistent_captions(probe.found_count, shapes.pop(), probe.found_color, probe.found_background)
+
+
+def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator_dir: Path = None,
+               progress: bool = True) -> Path:
+    """Trains and exports the tiny open_clip model to out_dir; resumes from work_dir."""
+    import open_clip  # noqa: F401  (registers the CLIP class)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    model = models.build_tiny_clip()
+    tokenizer = __import__("open_clip").get_tokenizer("ViT-B-32", context_length=models.TEXT_CONTEXT)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
+    state = {"step": 0, "log": []}
+
+    pool_path = work_dir / "generated_pool.npz"
+    pool = None
+    if generator_dir is not None:
+        if not pool_path.exists():
+            images, captions = generated_pool(generator_dir, config.generated_pool, rng, progress=progress)
+            np.savez(pool_path, images=images, captions=np.array(json.dumps(captions)))
+        data = np.load(pool_path)
+        pool = (data["images"], json.loads(str(data["captions"])))
+
+    ckpt_path = work_dir / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
+        state = ckpt["state"]
+        _set_rng_state(rng, ckpt["rng"])
+        print(f"resumed from {ckpt_path}: step {state['step']}")
+
+    def checkpoint():
+        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                      "state": state, "rng": _rng_state(rng)}, ckpt_path)
+
+    n_generated = int(config.batch_size * config.generated_share) if pool is not None else 0
+    model.train()
+    bar = tqdm(range(state["step"], config.steps), desc="clip", disable=not progress, initial=state["step"],
+               total=config.steps)
+    for step in bar:
+        prompts = sample_prompts(rng, config.batch_size - n_generated, "seen")
+        images, scenes = render_batch(prompts, rng)
+        captions = [rng.choice(consistent_captions(len(s.boxes), s.shape, s.color, s.background)) for s in scenes]
+        if n_generated:
+            picks = [rng.randrange(len(pool[1])) for _ in range(n_generated)]
+            images = np.concatenate([images, pool[0][picks]])
+            captions += [rng.choice(pool[1][i]) for i in picks]
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # [B,3,32,32]
+        image_features = F.normalize(model.encode_image(x), dim=-1)  # [B,64]
+        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)  # [B,64]
+        logits = model.logit_scale.exp() * image_features @ text_features.T  # [B,B]
+        # The same caption can occur twice in a batch: all its images are positives (soft targets).
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        targets = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        state["step"] = step + 1
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if state["step"] % config.checkpoint_every == 0:
+            state["log"].append({"step": step + 1, "loss": loss.item()})
+            checkpoint()
+    checkpoint()
+    models.save_tiny_clip(model.eval(), out_dir)
+    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "log": state["log"]},
+                                                      indent=1))
+    return out_dir

@@ -1,0 +1,41 @@
+"""Every CLI command has --help; world eval prints one JSON object on its last line."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+from alignloop.cli import build_parser
+
+
+def _commands(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from _commands(sub, prefix + (name,))
+
+
+def test_every_command_has_help(capsys):
+    commands = list(_commands(build_parser()))
+    assert ("world", "eval") in commands and ("generate",) in commands
+    for command in commands:
+        try:
+            build_parser().parse_args(list(command) + ["--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, command
+        out = capsys.readouterr().out
+        assert "usage: alignloop " + " ".join(command) in out
+
+
+def test_world_eval_prints_pass_rates_as_json():
+    result = subprocess.run([sys.executable, "-m", "alignloop", "world", "eval", "--split", "unseen",
+                             "--per-prompt", "2", "--max-prompts", "6", "--steps", "5", "--json"],
+                            capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["split"] == "unseen" and report["images"] == 12 and len(report["seeds"]) == 12
+    assert 0.0 <= report["overall"] <= 1.0
+    assert set(report["aspects"]) <= {"count", "color", "shape", "background"} and "count" in report["aspects"]
+    # Reproducible: the same seeds give the same verdicts.
+    again = subprocess.run(result.args, capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["overall"] == report["overall"]
