@@ -1,1 +1,24 @@
-"""alignloop.kernels"""
+"""alignloop.kernels: the reward scorer's head and ranking, in PyTorch (the reference), Triton (fused,
+CUDA) and ONNX Runtime, and the dispatch between them. See kernels/README.md.
+
+Importing this package stays light (the CLI imports it to register `bench scorer`): the names below are
+loaded on first use (PEP 562), and Triton and onnxruntime only by the backends that use them.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "HeadConfig": "config", "ScorerConfig": "config", "TritonBlocks": "config",
+    "BackendChoice": "dispatch", "choose_backend": "dispatch", "grouped_topk": "dispatch",
+    "RewardHead": "reference", "grouped_topk_reference": "reference",
+    "load_head": "weights", "save_head": "weights",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'alignloop.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"alignloop.kernels.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
