@@ -242,13 +242,16 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
     ckpt_path = work_dir / CHECKPOINT
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["config"] != dataclasses.asdict(config):
+            raise ValueError(f"{ckpt_path} was written with another config; use a fresh --work-dir or the same "
+                             f"settings. saved={ckpt['config']}")
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
         state = ckpt["state"]
         _set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path}: step {state['step']}")
 
     def checkpoint():
-        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        _save_atomic({"config": dataclasses.asdict(config), "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "state": state, "rng": _rng_state(rng)}, ckpt_path)
 
     n_generated = int(config.batch_size * config.generated_share) if pool is not None else 0
