@@ -126,9 +126,13 @@ class Node:
         try:
             pid = int((self.dir / "pid").read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ValueError, ProcessLookupError, IndexError):
             return None
-        return pid if str(self.properties).encode() in cmdline else None
+        if state == "Z":
+            return None
+        # The cmdline reads empty for a moment while the java launcher re-executes itself: still starting.
+        return pid if not cmdline or str(self.properties).encode() in cmdline else None
 
     def render(self, quorum: str, replication: int, min_insync: int) -> None:
         template = Template((DEPLOY_DIR / "server.properties").read_text())
