@@ -8,4 +8,4 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidi
 # Tests never touch the user's own state or a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = []
+pytest_plugins = ["kafka_fixtures", "service_fixtures"]

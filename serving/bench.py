@@ -1,0 +1,259 @@
+"""`alignloop bench serving`: what HTTP and batching cost or buy, measured side by side in one run.
+
+1. In-process: the sampler (micro-batcher + scorer, the same code the service runs) called directly,
+   one request at a time: p50 latency at n=16, k=4.
+2. HTTP, cross-request batching on: `alignloop serve` in a subprocess; the same requests one at a time
+   (p50 latency, scoring share from the response timings), then `clients` concurrent clients (throughput).
+3. HTTP, cross-request batching off (each diffusion pass holds one request): the same concurrent load.
+
+Figures: latency_ratio = p50 HTTP / p50 in-process (goal <= 1.15), batching_ratio = throughput on / off
+(goal >= 1.5; the headline `ratio`), scoring_share = scoring time / request time at n=16 (goal <= 5% on CPU).
+The server spools its events locally (no broker needed): producing is a non-blocking hand-off either way.
+Prints one JSON object on its last line.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+N, K = 16, 4
+
+
+def main(args) -> int:
+    steps = args.steps or (4 if args.quick else 20)
+    requests_per_side = args.requests or (4 if args.quick else 15)
+    clients = args.clients
+    per_client = 1 if args.quick else 3
+    guidance = 7.5
+    prompts = _prompts(64)
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    load_before = os.getloadavg()
+
+    # 1. In-process sampler
+    say(f"[1/3] in-process sampler: {requests_per_side} sequential requests at n={N}, k={K}, steps={steps}")
+    inproc = _in_process(prompts, requests_per_side, steps, guidance)
+
+    with tempfile.TemporaryDirectory(prefix="alignloop-bench-serving-") as tmp:
+        # 2. HTTP with cross-request batching
+        say("[2/3] HTTP, cross-request batching on: sequential latency, then "
+            f"{clients} clients x {per_client} requests")
+        with _Server(Path(tmp) / "on", batching=True, steps=steps) as server:
+            http_seq = _sequential(server.url, prompts, requests_per_side, steps, guidance)
+            before = _pass_stats(server.url)
+            on = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
+            on["passes"] = _pass_delta(before, _pass_stats(server.url))
+        # 3. HTTP without it
+        say(f"[3/3] HTTP, cross-request batching off: {clients} clients x {per_client} requests")
+        with _Server(Path(tmp) / "off", batching=False, steps=steps) as server:
+            before = _pass_stats(server.url)
+            off = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
+            off["passes"] = _pass_delta(before, _pass_stats(server.url))
+
+    p50_http = statistics.median(r["latency_s"] for r in http_seq)
+    p50_inproc = statistics.median(inproc["latencies_s"])
+    scoring_share = statistics.mean(r["timings"]["scoring_ms"] / r["timings"]["total_ms"] for r in http_seq)
+    batching_ratio = on["requests_per_s"] / off["requests_per_s"]
+    latency_ratio = p50_http / p50_inproc
+    result = {
+        "benchmark": "serving",
+        "machine": _machine(load_before),
+        "settings": {"n": N, "k": K, "steps": steps, "guidance": guidance, "sequential_requests": requests_per_side,
+                     "clients": clients, "requests_per_client": per_client, "quick": bool(args.quick),
+                     "max_batch_images": 64, "generator": "shapes-sd-tiny", "clip": "shapes-clip-tiny",
+                     "kafka": "events spooled locally (no broker), emit() is non-blocking either way"},
+        "ratio": round(batching_ratio, 3),
+        "ratio_means": "headline: throughput of 8 concurrent clients with cross-request batching on / off (bigger is "
+                       "better, goal >= 1.5). Also: latency_ratio = p50 HTTP / p50 in-process (smaller is better, "
+                       "goal <= 1.15); scoring_share = scoring / request time at n=16 (goal <= 0.05 on CPU)",
+        "batching_ratio": round(batching_ratio, 3),
+        "latency_ratio": round(latency_ratio, 3),
+        "scoring_share": round(scoring_share, 4),
+        "goals_met": {"latency_ratio<=1.15": latency_ratio <= 1.15, "batching_ratio>=1.5": batching_ratio >= 1.5,
+                      "scoring_share<=0.05": scoring_share <= 0.05},
+        "latency": {
+            "p50_http_s": round(p50_http, 4), "p50_in_process_s": round(p50_inproc, 4),
+            "http_s": [round(r["latency_s"], 4) for r in http_seq],
+            "in_process_s": [round(x, 4) for x in inproc["latencies_s"]],
+            "in_process_scoring_share": round(inproc["scoring_share"], 4),
+            "http_mean_timings_ms": {key: round(statistics.mean(r["timings"][key] for r in http_seq), 2)
+                                     for key in http_seq[0]["timings"]},
+        },
+        "throughput": {"batching_on": on, "batching_off": off},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+# -- sides ----------------------------------------------------------------------------------------------------
+
+def _in_process(prompts, count, steps, guidance) -> dict:
+    import torch
+
+    from alignloop.serving.config import ServingConfig
+    from alignloop.serving.sampler import load_sampler
+
+    config = ServingConfig(device="cpu" if not torch.cuda.is_available() else "")
+    torch.set_num_threads(os.cpu_count() or 1)
+    sampler, batcher = load_sampler(config)
+    try:
+        sampler.sample(prompts[0], n=N, k=K, steps=steps, guidance=guidance, seed=0)  # warm-up
+        latencies, shares = [], []
+        for i in range(count):
+            started = time.perf_counter()
+            best = sampler.sample(prompts[i % len(prompts)], n=N, k=K, steps=steps, guidance=guidance, seed=1000 + i)
+            latencies.append(time.perf_counter() - started)
+            shares.append(best.scoring_s / latencies[-1])
+        return {"latencies_s": latencies, "scoring_share": statistics.mean(shares)}
+    finally:
+        batcher.close()
+        del sampler, batcher
+
+
+def _post(url, body, timeout=600):
+    import requests
+
+    started = time.perf_counter()
+    response = requests.post(url + "/generate", json=body, timeout=timeout)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return {"latency_s": elapsed, "timings": response.json()["timings"]}
+
+
+def _sequential(url, prompts, count, steps, guidance) -> list:
+    _post(url, {"prompt": prompts[0], "n": N, "k": K, "steps": steps, "guidance": guidance, "seed": 0})  # warm-up
+    return [_post(url, {"prompt": prompts[i % len(prompts)], "n": N, "k": K, "steps": steps, "guidance": guidance,
+                        "seed": 1000 + i}) for i in range(count)]
+
+
+def _concurrent(url, prompts, clients, per_client, steps, guidance) -> dict:
+    results, errors = [], []
+    barrier = threading.Barrier(clients)
+
+    def client(c):
+        barrier.wait()
+        for j in range(per_client):
+            body = {"prompt": prompts[(c * per_client + j) % len(prompts)], "n": N, "k": K, "steps": steps,
+                    "guidance": guidance, "seed": 5000 + c * per_client + j, "user_id": f"bench-{c}"}
+            try:
+                results.append(_post(url, body))
+            except Exception as err:  # counted, reported
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    latencies = sorted(r["latency_s"] for r in results)
+    return {"requests": len(results), "errors": errors[:5], "error_count": len(errors), "wall_s": round(wall, 3),
+            "requests_per_s": round(len(results) / wall, 4), "images_sampled_per_s": round(len(results) * N / wall, 2),
+            "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
+            "max_latency_s": round(latencies[-1], 3) if latencies else None}
+
+
+def _pass_stats(url) -> dict:
+    """Cumulative pass counters from the server's /metrics."""
+    import requests
+
+    text = requests.get(url + "/metrics", timeout=30).text
+    return {name: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+            for name in ("alignloop_serving_pass_images_sum", "alignloop_serving_pass_images_count",
+                         "alignloop_serving_pass_requests_sum", "alignloop_serving_pass_seconds_sum")}
+
+
+def _pass_delta(before: dict, after: dict) -> dict:
+    """Diffusion passes run between two snapshots: how many, how full, how long."""
+    d = {name: after[name] - before[name] for name in after}
+    count = d["alignloop_serving_pass_images_count"] or 1
+    return {"passes": int(d["alignloop_serving_pass_images_count"]),
+            "mean_images_per_pass": round(d["alignloop_serving_pass_images_sum"] / count, 2),
+            "mean_requests_per_pass": round(d["alignloop_serving_pass_requests_sum"] / count, 2),
+            "mean_pass_s": round(d["alignloop_serving_pass_seconds_sum"] / count, 3),
+            "seconds_per_image": round(d["alignloop_serving_pass_seconds_sum"]
+                                       / max(d["alignloop_serving_pass_images_sum"], 1), 4)}
+
+
+class _Server:
+    """`alignloop serve` on a free loopback port, in its own process group, for the benchmark."""
+
+    def __init__(self, home: Path, batching: bool, steps: int):
+        self.home = home
+        self.batching = batching
+        self.steps = steps
+
+    def __enter__(self):
+        import requests
+
+        from alignloop.feedback import broker
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        port = broker.free_port()
+        env = {**os.environ, "ALIGNLOOP_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
+               "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
+               "ALIGNLOOP_SERVE_CROSS_REQUEST_BATCHING": "1" if self.batching else "0",
+               "ALIGNLOOP_SERVE_DEFAULT_STEPS": str(self.steps)}
+        self.log = open(self.home / "serve.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", "--port", str(port)], env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.home / 'serve.log').read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("server not ready after 900 s")
+            time.sleep(1)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def _prompts(count: int) -> list:
+    """Shapes-world prompts, fixed by a seed so every side of the comparison draws the same ones."""
+    import random
+
+    from alignloop.world import sample_prompts
+
+    return [p.text for p in sample_prompts(random.Random(0), count)]
+
+
+def _machine(load_before) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "loadavg_at_start": [round(x, 2) for x in load_before],
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,77 @@
+"""`alignloop serve` and `alignloop bench serving`."""
+
+import os
+import sys
+
+SERVICE = "alignloop.serving.service:AlignLoop"
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve /generate, /feedback and the /ui page over HTTP (BentoML)",
+        description="Serve best-k-of-n generation with signed feedback tokens; votes go to Kafka. "
+                    "Open http://HOST:PORT/ui for the web page, /docs.json for the OpenAPI spec.")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 3000)), help="TCP port (default 3000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own models (default 1)")
+    p.add_argument("--generator", default=None, help="bundled name, diffusers folder or hub id (default shapes-sd-tiny)")
+    p.add_argument("--clip", default=None, help="bundled name, open_clip folder or architecture (default shapes-clip-tiny)")
+    p.add_argument("--clip-checkpoint", default=None, help="local checkpoint for an open_clip architecture name")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--max-batch-images", type=int, default=None, help="images per diffusion pass (default 64)")
+    p.add_argument("--no-batching", action="store_true", help="one request per diffusion pass (baseline)")
+    p.set_defaults(func=_serve)
+
+
+def add_benchmarks(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "serving", help="HTTP vs in-process latency, batching on vs off, scoring share",
+        description="At n=16, k=4: p50 latency of POST /generate over HTTP vs the same sampler in-process; "
+                    "throughput of 8 concurrent clients with cross-request batching on vs off; share of "
+                    "request time spent scoring. Prints one JSON object on its last line.")
+    p.add_argument("--quick", action="store_true", help="fewer steps and requests (CI smoke run)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, quick 4)")
+    p.add_argument("--requests", type=int, default=None, help="latency samples per side (default 15, quick 4)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients in the throughput test")
+    p.set_defaults(func=_bench)
+
+
+def serving_config_from_args(args):
+    from alignloop.errors import UserFacingError
+    from alignloop.serving.config import ServingConfig
+
+    changes = {"workers": args.workers}
+    for name in ("generator", "clip", "clip_checkpoint", "device", "max_batch_images"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if getattr(args, "no_batching", False):
+        changes["cross_request_batching"] = False
+    try:
+        return ServingConfig.from_env(**changes)
+    except ValueError as err:
+        raise UserFacingError(str(err)) from None
+
+
+def _serve(args) -> int:
+    from alignloop.errors import UserFacingError
+    from alignloop.models import ModelNotFoundError, resolve_generator
+
+    config = serving_config_from_args(args)
+    # Fail here, with the model error, rather than in every worker's startup log.
+    try:
+        resolve_generator(config.generator)
+    except ModelNotFoundError as err:
+        raise UserFacingError(str(err)) from None
+    env = {**os.environ, **config.to_env()}
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(args.port), "--host", args.host]
+    print(f"alignloop: serving on http://{args.host}:{args.port}/ui ({config.workers} worker(s), "
+          f"generator {config.generator}, clip {config.clip})", file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, env)
+
+
+def _bench(args) -> int:
+    from alignloop.serving.bench import main
+
+    return main(args)

@@ -1,0 +1,111 @@
+"""Typed configuration of the serving stage. Every field carries its unit.
+
+BentoML starts each worker as its own process and imports `alignloop.serving.service` there, so the
+configuration travels through the environment: `alignloop serve` writes `ALIGNLOOP_SERVE_<FIELD>` variables,
+each worker reads them back with `ServingConfig.from_env()`. Unset variables keep the defaults below.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+ENV_PREFIX = "ALIGNLOOP_SERVE_"
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One A/B arm: which adapter it serves and the share of users routed to it (0..1)."""
+
+    name: str
+    adapter: str
+    share: float
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    # -- models ---------------------------------------------------------------------------------------------
+    generator: str = "shapes-sd-tiny"  # bundled name, local diffusers folder, or hub id (online only)
+    clip: str = "shapes-clip-tiny"  # bundled name, local open_clip folder, or architecture name + clip_checkpoint
+    clip_checkpoint: str = ""  # local checkpoint file for an open_clip architecture name ("" = none)
+    device: str = ""  # "cpu", "cuda", "cuda:1"; "" = CUDA when available, else CPU
+    dtype: str = ""  # "fp32", "fp16", "bf16"; "" = fp16 on CUDA, fp32 on CPU
+    scorer_backend: str = "auto"  # alignloop.kernels dispatch: auto / torch / onnxruntime / triton
+
+    # -- process layout -------------------------------------------------------------------------------------
+    workers: int = 1  # BentoML worker processes; each loads its own pipeline and CLIP (memory x workers)
+    threads: int = 16  # request threads per worker; they wait on the micro-batcher, so more than cores is fine
+    torch_threads: int = 0  # intra-op threads per worker; 0 = cores // workers (no oversubscription)
+    timeout_s: float = 300.0  # per-request limit enforced by BentoML (seconds)
+    max_concurrency: int = 64  # requests in flight per worker before BentoML answers 429
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    default_steps: int = 20  # denoising steps when the request leaves `steps` out
+    default_guidance: float = 7.5  # classifier-free guidance scale when the request leaves it out
+    # Images per UNet forward pass. Concurrent requests with the same (steps, guidance) share passes up to
+    # this many images; a request with more candidates is split over several passes. 64 fits 32 px easily;
+    # lower it for 512 px models on small GPUs.
+    max_batch_images: int = 64
+    # How long the batcher waits for more requests before starting a pass when the pass is not full (ms).
+    # Requests arriving while a pass runs join the next one anyway; this only groups simultaneous arrivals.
+    batch_wait_ms: float = 5.0
+    # Cross-request batching on/off. Off: each pass holds images of one request only (the benchmark baseline).
+    cross_request_batching: bool = True
+
+    # -- feedback -------------------------------------------------------------------------------------------
+    token_ttl_s: int = 7 * 24 * 3600  # feedback tokens expire this long after the images were returned (s)
+    image_store: str = ""  # fsspec URL of the image store; "" = <ALIGNLOOP_HOME>/images
+    kafka_bootstrap: str = ""  # "" = alignloop.settings.kafka_bootstrap() ($ALIGNLOOP_KAFKA)
+    topic_prefix: str = ""  # prepended to both topic names (tests and benchmarks use their own topics)
+    vote_ledger: str = ""  # SQLite file that makes votes idempotent across workers; "" = <ALIGNLOOP_HOME>/serving/votes.sqlite
+    flush_on_shutdown_s: float = 5.0  # on worker shutdown, wait this long for Kafka acks before spooling (s)
+
+    # -- A/B arms (a later issue adds real adapters; until then one arm serves the base model) ---------------
+    arms: tuple = field(default=(ArmSpec("A", "base", 1.0),))
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_batch_images < 1:
+            raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
+        if not 1 <= self.default_steps <= 150:
+            raise ValueError(f"default_steps must be in 1..150, got {self.default_steps}")
+        if not 0 <= self.default_guidance <= 30:
+            raise ValueError(f"default_guidance must be in 0..30, got {self.default_guidance}")
+        if self.token_ttl_s < 1:
+            raise ValueError(f"token_ttl_s must be >= 1 second, got {self.token_ttl_s}")
+        if not self.arms or abs(sum(a.share for a in self.arms) - 1.0) > 1e-6:
+            raise ValueError(f"arm shares must sum to 1, got {[(a.name, a.share) for a in self.arms]}")
+
+    # -- environment round trip -----------------------------------------------------------------------------
+
+    def to_env(self) -> dict:
+        """The ALIGNLOOP_SERVE_* variables that make `from_env()` in a worker return this config."""
+        env = {}
+        for f in fields(self):
+            if f.name == "arms":
+                continue
+            value = getattr(self, f.name)
+            env[ENV_PREFIX + f.name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "ServingConfig":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or f.name == "arms":
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> "ServingConfig":
+        return dataclasses.replace(self, **changes)

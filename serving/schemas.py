@@ -1,0 +1,118 @@
+"""Request and response models of the HTTP API (DESIGN.md, "Contracts" > HTTP).
+
+The bounds live here, in the types, so BentoML validates a request before any handler runs and a bad one
+gets a 400 naming the field (see service.py's error shaping). Requests are strict (no "8" for 8) and reject
+unknown fields: a misspelled `stepz` is an error, not a silently ignored option.
+"""
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+MAX_N = 64  # candidates per request; bounds the work one request can ask for
+MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+Prompt = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS),
+    Field(description=f"What to draw; 1..{MAX_PROMPT_CHARS} characters after trimming whitespace.",
+          examples=["three red circles on a gray background"]),
+]
+# Any printable ASCII without spaces: enough for account ids and e-mail addresses, nothing that breaks a log line.
+UserId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$"),
+    Field(description="Your user id (1..128 printable ASCII characters, no spaces). Optional; it is stored only "
+                      "as a keyed hash. Votes are deduplicated per image and user.", examples=["alice"]),
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Request):
+    """Sample `n` images for the prompt, rank them by reward and return the best `k`."""
+
+    # OpenAPI 3.0 `example` (BentoML's schema model takes the singular form at model level).
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "prompt": "three red circles on a gray background", "n": 16, "k": 4, "steps": 20, "guidance": 7.5,
+        "seed": 42, "user_id": "alice"}})
+
+    prompt: Prompt
+    n: int = Field(default=8, ge=1, le=MAX_N, description=f"Candidates to sample, 1..{MAX_N}.")
+    k: int = Field(default=2, ge=1, le=MAX_N, description="Candidates to return (the k best by reward), 1..n.")
+    steps: Optional[int] = Field(default=None, ge=1, le=150,
+                                 description="Denoising steps, 1..150; the server default when left out.")
+    guidance: Optional[float] = Field(default=None, ge=0, le=30, allow_inf_nan=False,
+                                      description="Classifier-free guidance scale, 0..30; the server default when left out.")
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED,
+                                description="Makes the request reproducible (same seed, prompt, n, steps, guidance "
+                                            "and adapter give the same images). Random when left out.")
+    user_id: Optional[UserId] = None
+
+    @field_validator("k")
+    @classmethod
+    def _k_at_most_n(cls, k: int, info: ValidationInfo) -> int:
+        # A field validator (not a model one) so the error names `k`; n is declared first, so it is validated.
+        n = info.data.get("n")
+        if n is not None and k > n:
+            raise ValueError(f"must be at most n (k is how many of the n candidates come back); got k={k}, n={n}")
+        return k
+
+
+class Timings(BaseModel):
+    """Where the request's time went, in milliseconds."""
+
+    queue_ms: float = Field(description="Waiting for the sampler (other requests' passes).")
+    sampling_ms: float = Field(description="Denoising and decoding the n candidates.")
+    scoring_ms: float = Field(description="Reward of every candidate, and the top-k.")
+    storing_ms: float = Field(description="PNG encoding and writing the k images to the image store.")
+    producing_ms: float = Field(description="Handing the generation event to the Kafka producer.")
+    total_ms: float
+
+
+class ImageResult(BaseModel):
+    image_id: str
+    image: str = Field(description="The image as a base64-encoded PNG.")
+    reward: float = Field(description="Reward-model score (CLIP similarity until a reward head is trained).")
+    rank: int = Field(ge=1, description="1 = the highest reward among the n candidates.")
+    feedback_token: str = Field(description="Send it back to POST /feedback with your vote.")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    arm: str = Field(description="A/B arm that served the request.")
+    adapter: str = Field(description="Adapter version of that arm ('base' = no adapter).")
+    seed: int = Field(description="The seed used (yours, or the one drawn for you): resend it to reproduce.")
+    n: int
+    k: int
+    steps: int
+    guidance: float
+    images: list[ImageResult] = Field(description="The k best candidates, best first.")
+    timings: Timings
+
+
+class FeedbackRequest(_Request):
+    """A thumbs-up or thumbs-down on one returned image."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "feedback_token": "v1.eyJpbWFnZV9pZCI6ImltZy0uLi4ifQ.c2lnbmF0dXJl", "vote": "up", "user_id": "alice"}})
+
+    feedback_token: str = Field(min_length=1, max_length=2048, description="The image's feedback_token from /generate.")
+    vote: Literal["up", "down"]
+    user_id: Optional[UserId] = None
+
+
+class FeedbackResponse(BaseModel):
+    event_id: str = Field(description="Id of the feedback event; a repeated identical vote returns the same id.")
+    status: Literal["accepted", "duplicate"] = Field(
+        description="'duplicate' when this user already cast this vote on this image (nothing new is recorded).")
+    image_id: str
+    vote: Literal["up", "down"]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What was wrong, naming the field, the allowed range and the value received.")
+    reason: Optional[str] = Field(default=None, description="Machine-readable reason (401s: malformed, bad_signature, expired).")

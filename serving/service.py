@@ -1,0 +1,105 @@
+"""The BentoML service: load the models once per worker, route HTTP to ServingCore. Kept thin on purpose.
+
+    alignloop serve --port 3000 --workers 1         # or: bentoml serve alignloop.serving.service:AlignLoop
+
+Routes: POST /generate, POST /feedback (handlers.py), GET /ui (http.py), and BentoML's own /metrics,
+/readyz (503 until this worker's models are loaded and warm), /livez, /docs.json (OpenAPI). The
+configuration comes from ALIGNLOOP_SERVE_* variables (config.py), which `alignloop serve` sets.
+"""
+
+import logging
+import os
+
+import bentoml
+from starlette.responses import Response
+
+from alignloop.serving.config import ServingConfig
+from alignloop.serving.handlers import ServingCore, TokenError, log_event
+from alignloop.serving.http import ApiErrorMiddleware, install_log_filters, json_error, ui_app
+from alignloop.serving.schemas import FeedbackRequest, FeedbackResponse, GenerateRequest, GenerateResponse
+
+log = logging.getLogger("alignloop.serving")
+CONFIG = ServingConfig.from_env()
+
+
+@bentoml.service(
+    name="alignloop",
+    workers=CONFIG.workers,
+    threads=CONFIG.threads,  # sync API methods run on this many threads; they wait on the shared batcher
+    traffic={"timeout": CONFIG.timeout_s, "max_concurrency": CONFIG.max_concurrency},
+    resources={"gpu": 1} if CONFIG.device.startswith("cuda") else {},
+)
+@bentoml.asgi_app(ui_app(), path="/ui")
+class AlignLoop:
+    def __init__(self) -> None:
+        self.core: ServingCore | None = None
+        self.batcher = None
+        self.producer = None
+
+    @bentoml.on_startup
+    def load(self) -> None:
+        """Per worker: models, the batcher that owns the pipeline, the Kafka producer, one warm-up pass."""
+        import torch
+
+        from alignloop.feedback.config import Topics, default_spool_dir
+        from alignloop.feedback.image_store import ImageStore
+        from alignloop.feedback.producer import EventProducer
+        from alignloop.serving import metrics
+        from alignloop.serving.sampler import load_sampler
+        from alignloop.serving.tokens import default_key
+        from alignloop.serving.votes import SqliteLedger
+        from alignloop.settings import home
+
+        install_log_filters()
+        worker = bentoml.server_context.worker_index or 1
+        torch.set_num_threads(CONFIG.torch_threads or max(1, (os.cpu_count() or 1) // CONFIG.workers))
+        sampler, self.batcher = load_sampler(CONFIG, on_pass=metrics.observe_pass)
+        sampler.sample("warm-up", n=1, k=1, steps=1, guidance=CONFIG.default_guidance, seed=0)
+        self.producer = EventProducer(bootstrap=CONFIG.kafka_bootstrap or None,
+                                      spool_dir=default_spool_dir().parent / f"serving-worker-{worker}",
+                                      topics=Topics().prefixed(CONFIG.topic_prefix))
+        ledger = SqliteLedger(CONFIG.vote_ledger or home() / "serving" / "votes.sqlite", CONFIG.token_ttl_s)
+        self.core = ServingCore(sampler, self.producer, ImageStore(CONFIG.image_store or None), ledger,
+                                default_key(), CONFIG)
+        log_event("worker_ready", worker=worker, generator=CONFIG.generator, clip=CONFIG.clip,
+                  backend=sampler.scorer.choice.reason if hasattr(sampler.scorer, "choice") else None,
+                  torch_threads=torch.get_num_threads(), max_batch_images=CONFIG.max_batch_images,
+                  cross_request_batching=CONFIG.cross_request_batching)
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        if self.producer is not None:
+            self.producer.close(timeout_s=CONFIG.flush_on_shutdown_s)  # what Kafka did not ack is spooled
+
+    def __is_ready__(self) -> bool:
+        return self.core is not None and self.batcher.alive
+
+    @bentoml.api(route="/generate")
+    def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> GenerateResponse:
+        """Sample n images for the prompt, rank them by reward, return the best k with feedback tokens."""
+        try:
+            return self.core.generate(request)
+        except Exception:  # a bug or a failing model: log it with context, answer without internals
+            log.exception("generate failed")
+            return _error(ctx, 500, "generation failed; the error is logged on the server")
+
+    @bentoml.api(route="/feedback")
+    def feedback(self, request: FeedbackRequest, /, ctx: bentoml.Context) -> FeedbackResponse:
+        """Record a thumbs-up or thumbs-down for one returned image (202; a repeated vote is idempotent)."""
+        try:
+            response = self.core.feedback(request)
+        except TokenError as err:
+            return _error(ctx, 401, str(err), reason=err.reason)
+        ctx.response.status_code = 202
+        return response
+
+
+AlignLoop.add_asgi_middleware(ApiErrorMiddleware)
+
+
+def _error(ctx: bentoml.Context, status: int, message: str, **extra) -> Response:
+    # BentoML copies ctx.response.status_code onto any response of a method that takes ctx.
+    ctx.response.status_code = status
+    return json_error(status, message, **extra)

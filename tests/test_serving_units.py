@@ -1,0 +1,284 @@
+"""Units of the serving stage with in-memory fakes: tokens, schemas, arms, vote ledger, batcher, sampler, core."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from alignloop.events import FeedbackEvent, GenerationEvent
+from alignloop.feedback.producer import MemorySink
+from alignloop.serving import tokens
+from alignloop.serving.arms import assign_arm
+from alignloop.serving.batching import DiffusionBatcher
+from alignloop.serving.config import ArmSpec, ServingConfig
+from alignloop.serving.handlers import ServingCore
+from alignloop.serving.sampler import Sampler, candidate_seeds
+from alignloop.serving.schemas import FeedbackRequest, GenerateRequest
+from alignloop.serving.votes import MemoryLedger, SqliteLedger
+
+KEY = b"k" * 32
+
+
+# -- tokens ---------------------------------------------------------------------------------------------------
+
+def _claims(**changes):
+    base = dict(image_id="img-1", request_id="req-1", prompt_sha=tokens.prompt_hash("p"), arm="A", adapter="base",
+                expires_at=int(time.time()) + 60)
+    return tokens.TokenClaims(**{**base, **changes})
+
+
+def test_token_round_trip():
+    claims = _claims()
+    assert tokens.verify(KEY, tokens.mint(KEY, claims)) == claims
+
+
+@pytest.mark.parametrize("token, reason", [
+    ("", "malformed"), ("v1", "malformed"), ("v2.a.b", "malformed"), ("v1..sig", "malformed"),
+    ("v1.e30.not*base64", "malformed"), ("v1.e30.c2hvcnQ", "malformed"), ("x" * 5000, "malformed"),
+])
+def test_malformed_tokens(token, reason):
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(KEY, token)
+    assert err.value.reason == reason
+
+
+def test_forged_tampered_and_expired_tokens():
+    token = tokens.mint(KEY, _claims())
+    with pytest.raises(tokens.TokenError, match="signature") as err:
+        tokens.verify(b"other-key", token)
+    assert err.value.reason == "bad_signature"
+    version, payload, signature = token.split(".")
+    flipped = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1]
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(KEY, f"{version}.{flipped}.{signature}")
+    assert err.value.reason == "bad_signature"
+    expired = tokens.mint(KEY, _claims(expires_at=1000))
+    with pytest.raises(tokens.TokenError, match="expired") as err:
+        tokens.verify(KEY, expired)
+    assert err.value.reason == "expired"
+    # Expiry is checked only after the signature: an expired forgery is a bad signature, not "expired".
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(b"other-key", expired)
+    assert err.value.reason == "bad_signature"
+
+
+# -- schemas --------------------------------------------------------------------------------------------------
+
+def test_generate_request_defaults_and_trimming():
+    req = GenerateRequest.model_validate_json('{"prompt": "  two blue squares  "}')
+    assert (req.prompt, req.n, req.k, req.steps, req.guidance, req.seed, req.user_id) == (
+        "two blue squares", 8, 2, None, None, None, None)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "a", "n": 2, "k": 3}, "k"), ({"prompt": "a" * 501}, "prompt"), ({"prompt": "a", "guidance": -1}, "guidance"),
+    ({"prompt": "a", "seed": 2**63}, "seed"), ({"prompt": "a", "extra": 1}, "extra"), ({"prompt": "a", "n": True}, "n"),
+])
+def test_generate_request_bounds_name_the_field(body, field):
+    with pytest.raises(ValidationError) as err:
+        GenerateRequest.model_validate(body)
+    assert err.value.errors()[0]["loc"] == (field,)
+
+
+def test_feedback_request_rejects_unknown_votes():
+    with pytest.raises(ValidationError):
+        FeedbackRequest.model_validate({"feedback_token": "t", "vote": "meh"})
+
+
+# -- arms and ledger -------------------------------------------------------------------------------------------
+
+def test_arm_is_sticky_by_user_and_follows_shares():
+    arms = (ArmSpec("A", "base", 0.8), ArmSpec("B", "v2", 0.2))
+    hashes = [f"{i:064x}" for i in range(2000)]
+    first = [assign_arm(h, arms) for h in hashes]
+    assert first == [assign_arm(h, arms) for h in hashes]
+    share_b = sum(a.name == "B" for a in first) / len(first)
+    assert 0.15 < share_b < 0.25
+    assert assign_arm(None, ServingConfig().arms).name == "A"
+
+
+@pytest.mark.parametrize("make", [lambda tmp: MemoryLedger(), lambda tmp: SqliteLedger(tmp / "votes.sqlite", 3600)])
+def test_vote_ledger_idempotency(tmp_path, make):
+    ledger = make(tmp_path)
+    assert ledger.record("img-1", "u1", "up", "e1") == ("e1", True)
+    assert ledger.record("img-1", "u1", "up", "e2") == ("e1", False)  # replay: the first id, nothing new
+    assert ledger.record("img-1", "u2", "up", "e3") == ("e3", True)  # another user
+    assert ledger.record("img-1", "u1", "down", "e4") == ("e4", True)  # a changed vote is new
+    assert ledger.record("img-1", "u1", "down", "e5") == ("e4", False)
+
+
+def test_sqlite_ledger_is_shared_between_instances(tmp_path):
+    a, b = SqliteLedger(tmp_path / "v.sqlite", 3600), SqliteLedger(tmp_path / "v.sqlite", 3600)
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append((a if i % 2 else b).record("img", "u", "up", f"e{i}")))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(new for _, new in results) == 1 and len({event for event, _ in results}) == 1
+
+
+# -- batcher and sampler with a fake pipeline -------------------------------------------------------------------
+
+class FakePipeline:
+    """Each image is noise from its own generator, shifted by its prompt's length: like a real pipeline, the
+    output depends on (prompt, seed) only. Records the prompts of every pass."""
+
+    def __init__(self, delay_s=0.0):
+        self.calls = []
+        self.delay_s = delay_s
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type):
+        assert len(prompt) == len(generator) and output_type == "pt"
+        self.calls.append((list(prompt), num_inference_steps, guidance_scale))
+        time.sleep(self.delay_s)
+        images = torch.stack([torch.rand(3, 4, 4, generator=g) * 0.5 + (len(p) % 5) / 10 for p, g in zip(prompt, generator)])
+        return SimpleNamespace(images=images)
+
+
+def test_batcher_shares_passes_across_requests_and_splits_large_ones():
+    pipe = FakePipeline(delay_s=0.05)
+    batcher = DiffusionBatcher(pipe, max_batch_images=8, wait_ms=20)
+    try:
+        futures = [batcher.submit(f"prompt {i}", candidate_seeds(i, 3), 4, 7.5) for i in range(3)]  # 9 images
+        big = batcher.submit("big", candidate_seeds(9, 10), 4, 7.5)
+        other = batcher.submit("other guidance", candidate_seeds(5, 2), 4, 3.0)
+        results = [f.result(timeout=10) for f in futures + [big, other]]
+    finally:
+        batcher.close()
+    assert [r.images.shape[0] for r in results] == [3, 3, 3, 10, 2]
+    assert all(len(call[0]) <= 8 for call in pipe.calls)
+    assert len(pipe.calls) < 5  # 3 + 3 + 3 + 10 images at guidance 7.5 need 3 passes of <= 8, plus 1 at 3.0
+    assert [c for c in pipe.calls if c[2] == 3.0] == [(["other guidance"] * 2, 4, 3.0)]  # its own schedule
+
+
+def test_batcher_results_do_not_depend_on_batching():
+    seeds = candidate_seeds(42, 6)
+    outputs = []
+    for max_batch, cross in ((1, False), (4, True), (64, True)):
+        batcher = DiffusionBatcher(FakePipeline(), max_batch_images=max_batch, wait_ms=10, cross_request=cross)
+        try:
+            noise = batcher.submit("noise", candidate_seeds(1, 5), 4, 7.5)
+            mine = batcher.submit("three red circles", seeds, 4, 7.5)
+            outputs.append(mine.result(timeout=10).images)
+            noise.result(timeout=10)
+        finally:
+            batcher.close()
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_batcher_without_cross_request_batching_runs_one_request_per_pass():
+    pipe = FakePipeline(delay_s=0.02)
+    batcher = DiffusionBatcher(pipe, max_batch_images=64, wait_ms=20, cross_request=False)
+    try:
+        futures = [batcher.submit(f"p{i}", candidate_seeds(i, 4), 4, 7.5) for i in range(4)]
+        [f.result(timeout=10) for f in futures]
+    finally:
+        batcher.close()
+    assert [len(call[0]) for call in pipe.calls] == [4, 4, 4, 4]
+
+
+def test_batcher_failure_fails_only_that_pass():
+    class Flaky(FakePipeline):
+        def __call__(self, prompt, **kw):
+            if "boom" in prompt:
+                raise RuntimeError("CUDA out of memory")
+            return super().__call__(prompt, **kw)
+
+    batcher = DiffusionBatcher(Flaky(), max_batch_images=4, wait_ms=0, cross_request=False)
+    try:
+        bad = batcher.submit("boom", [1, 2, 3, 4, 5, 6], 4, 7.5)
+        good = batcher.submit("fine", [7], 4, 7.5)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            bad.result(timeout=10)
+        assert good.result(timeout=10).images.shape[0] == 1
+    finally:
+        batcher.close()
+
+
+class MeanScorer:
+    """Reward = mean pixel value: a deterministic stand-in for RewardScorer."""
+
+    def score(self, images, prompt):
+        return images.float().mean(dim=(1, 2, 3))
+
+
+def test_sampler_returns_the_best_k_in_order():
+    batcher = DiffusionBatcher(FakePipeline(), max_batch_images=16, wait_ms=0)
+    try:
+        best = Sampler(batcher, MeanScorer()).sample("p", n=10, k=3, steps=4, guidance=7.5, seed=7)
+    finally:
+        batcher.close()
+    assert len(best.candidate_rewards) == 10 and len(best.rewards) == 3
+    assert best.rewards == sorted(best.candidate_rewards, reverse=True)[:3]
+    assert [best.candidate_rewards[i] for i in best.indices] == best.rewards
+    assert torch.allclose(best.images.mean(dim=(1, 2, 3)), torch.tensor(best.rewards))
+    assert best.seeds == [candidate_seeds(7, 10)[i] for i in best.indices]
+
+
+@pytest.mark.parametrize("kwargs", [dict(n=2, k=3), dict(n=65, k=1), dict(n=4, k=0), dict(n=4, k=1, seed=-1)])
+def test_sampler_checks_inputs(kwargs):
+    sampler = Sampler(source=None, scorer=MeanScorer())
+    with pytest.raises(ValueError):
+        sampler.sample("p", steps=4, guidance=7.5, **{"seed": None, **kwargs})
+
+
+# -- ServingCore with fakes -------------------------------------------------------------------------------------
+
+class DictStore:
+    def __init__(self):
+        self.blobs = {}
+
+    def uri(self, image_id):
+        return f"memory://images/{image_id}.png"
+
+    def put(self, image_id, png):
+        self.blobs[image_id] = png
+        return self.uri(image_id)
+
+
+@pytest.fixture
+def core():
+    batcher = DiffusionBatcher(FakePipeline(), max_batch_images=16, wait_ms=0)
+    clock = SimpleNamespace(now=time.time())
+    core = ServingCore(Sampler(batcher, MeanScorer()), MemorySink(), DictStore(), MemoryLedger(), KEY,
+                       ServingConfig(token_ttl_s=60), clock=lambda: clock.now)
+    core.test_clock = clock
+    yield core
+    batcher.close()
+
+
+def test_core_generate_stores_emits_and_signs(core):
+    result = core.generate(GenerateRequest(prompt="two blue squares", n=5, k=2, seed=3, user_id="carol"))
+    [event] = core.sink.events
+    assert isinstance(event, GenerationEvent) and event.request_id == result.request_id
+    assert event.user_hash and event.user_hash != "carol" and len(event.candidate_rewards) == 5
+    assert set(core.store.blobs) == {im.image_id for im in result.images}
+    assert [im.rank for im in result.images] == [1, 2]
+    claims = tokens.verify(KEY, result.images[0].feedback_token)
+    assert claims.expires_at == pytest.approx(core.test_clock.now + 60, abs=2)
+
+
+def test_core_feedback_dedupes_and_expires(core):
+    result = core.generate(GenerateRequest(prompt="two blue squares", n=2, k=1))
+    token = result.images[0].feedback_token
+    first = core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="dave"))
+    again = core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="dave"))
+    assert (first.status, again.status, again.event_id) == ("accepted", "duplicate", first.event_id)
+    votes = [e for e in core.sink.events if isinstance(e, FeedbackEvent)]
+    assert len(votes) == 1 and votes[0].image_uri == core.store.uri(result.images[0].image_id)
+    core.test_clock.now += 61
+    with pytest.raises(tokens.TokenError) as err:
+        core.feedback(FeedbackRequest(feedback_token=token, vote="down", user_id="dave"))
+    assert err.value.reason == "expired"
+
+
+def test_config_round_trips_through_the_environment():
+    config = ServingConfig(workers=2, max_batch_images=32, cross_request_batching=False, default_guidance=5.0)
+    assert ServingConfig.from_env(config.to_env()) == config
+    with pytest.raises(ValueError, match="ALIGNLOOP_SERVE_WORKERS"):
+        ServingConfig.from_env({"ALIGNLOOP_SERVE_WORKERS": "two"})
