@@ -49,6 +49,17 @@ def _lr_lambda(warmup: int, total: int):
     return fn
 
 
+def _load_checkpoint(path: Path, config):
+    """The checkpoint at path, or None; refuses one written with another config (resuming it would mix runs)."""
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, weights_only=False)
+    if ckpt["config"] != dataclasses.asdict(config):
+        raise ValueError(f"{path} was written with another config; use a fresh --work-dir or the same "
+                         f"settings. saved={ckpt['config']}")
+    return ckpt
+
+
 def _rng_state(rng: random.Random) -> dict:
     return {"python": rng.getstate(), "torch": torch.get_rng_state()}
 
@@ -75,11 +86,8 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "log": []}
 
     ckpt_path = work_dir / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with another config; use a fresh --work-dir or the same "
-                             f"settings. saved={ckpt['config']}")
+    ckpt = _load_checkpoint(ckpt_path, config)
+    if ckpt is not None:
         vae.load_state_dict(ckpt["vae"]), unet.load_state_dict(ckpt["unet"])
         text_encoder.load_state_dict(ckpt["text_encoder"]), vae_opt.load_state_dict(ckpt["vae_opt"])
         unet_opt.load_state_dict(ckpt["unet_opt"]), unet_sched.load_state_dict(ckpt["unet_sched"])
@@ -240,11 +248,8 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
         pool = (data["images"], json.loads(str(data["captions"])))
 
     ckpt_path = work_dir / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with another config; use a fresh --work-dir or the same "
-                             f"settings. saved={ckpt['config']}")
+    ckpt = _load_checkpoint(ckpt_path, config)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
         state = ckpt["state"]
         _set_rng_state(rng, ckpt["rng"])

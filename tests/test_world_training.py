@@ -1,0 +1,29 @@
+"""The bundled models' training jobs: a few steps, resumed from the checkpoint, exported and loadable."""
+
+import dataclasses
+
+import pytest
+
+from alignloop import models
+from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
+from alignloop.world.train import train_clip, train_generator
+
+
+def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path, capsys):
+    config = GeneratorTrainConfig(vae_steps=2, unet_steps=2, checkpoint_every=1, batch_size=8)
+    train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
+    train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="another config"):
+        train_generator(tmp_path / "out", tmp_path / "work", dataclasses.replace(config, unet_steps=3), progress=False)
+    pipe = models.load_generator(str(tmp_path / "out"), device="cpu")
+    assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == models.TEXT_CONTEXT
+
+
+def test_clip_training_resumes_and_exports_an_open_clip_folder(tmp_path, capsys):
+    config = ClipTrainConfig(steps=2, checkpoint_every=1, batch_size=16)
+    train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
+    train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
+    assert "resumed from" in capsys.readouterr().out
+    clip = models.load_clip(str(tmp_path / "clip"), device="cpu")
+    assert clip.encode_texts(["a red circle"]).shape == (1, clip.embed_dim)
