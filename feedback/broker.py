@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -330,11 +331,28 @@ def reachable(bootstrap: str, timeout_s: float = 0.2) -> bool:
     return False
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (for fixtures and throwaway brokers)."""
+# Below Linux's ephemeral range (32768-60999): the kernel never hands these to outgoing connections, so a port
+# found free here stays free until the broker binds it (an ephemeral one was seen taken in between).
+_FIXED_PORTS = (20000, 32000)
+
+
+def free_port(offsets=(0,)) -> int:
+    """A loopback port base such that base + each offset is free now (for fixtures and throwaway brokers)."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(*_FIXED_PORTS)
+        if all(_bindable(base + offset) for offset in offsets):
+            return base
+    raise BrokerError(f"no free loopback ports in {_FIXED_PORTS} for offsets {offsets}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 class _admin:

@@ -50,12 +50,8 @@ def kafka_cluster(tmp_path_factory):
 
 
 def _free_block() -> int:
-    for _ in range(50):
-        base = broker.free_port()
-        ports = [base + i for i in range(3)] + [base + 100 + i for i in range(3)]
-        if all(p < 65536 and not broker.reachable(f"127.0.0.1:{p}", timeout_s=0.05) for p in ports):
-            return base
-    raise RuntimeError("no free block of ports for the 3-node cluster")
+    # Nodes take ports base..base+2 and controllers base+100..base+102.
+    return broker.free_port(offsets=(0, 1, 2, 100, 101, 102))
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list:
