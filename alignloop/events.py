@@ -174,8 +174,9 @@ def _user_hash_key() -> bytes:
     return load_secret("user_hash_key")
 
 
-def hash_user_id(user_id: str) -> str:
-    """Keyed hash (HMAC-SHA256, hex) of a user id: stable per user, not reversible without the key."""
+def hash_user_id(user_id: str, key: bytes | None = None) -> str:
+    """Keyed hash (HMAC-SHA256, hex) of a user id: stable per user, not reversible without the key.
+    `key` defaults to this process's `user_hash_key` secret; tests pass a served process's key."""
     if not user_id:
         raise ValueError("user_id must be a non-empty string")
-    return hmac.new(_user_hash_key(), user_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key or _user_hash_key(), user_id.encode(), hashlib.sha256).hexdigest()

@@ -1,8 +1,6 @@
 """Through the real server (`alignloop serve`, fixture `served`) with a real HTTP client and a real broker."""
 
 import base64
-import hashlib
-import hmac
 import io
 import json
 import time
@@ -12,7 +10,7 @@ import pytest
 from kafka_fixtures import read_topic
 from PIL import Image
 
-from alignloop.events import parse_event
+from alignloop.events import hash_user_id, parse_event
 from alignloop.serving import tokens
 
 pytestmark = pytest.mark.kafka
@@ -22,7 +20,7 @@ USER = "alice-serving-test-7f3a"  # must never appear raw in Kafka or in the ser
 
 
 def _user_hash(served, user_id: str) -> str:
-    return hmac.new(served.user_hash_key, user_id.encode(), hashlib.sha256).hexdigest()
+    return hash_user_id(user_id, served.user_hash_key)
 
 
 def _events(served, topic: str, **match):

@@ -3,7 +3,6 @@ load it, generate, click a thumbs button, and read the vote back from Kafka. Kee
 test-artifacts/ (gitignored)."""
 
 import hashlib
-import hmac
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from kafka_fixtures import read_topic
 
-from alignloop.events import parse_event
+from alignloop.events import hash_user_id, parse_event
 
 pytestmark = pytest.mark.kafka
 
@@ -77,7 +76,7 @@ def test_vote_from_the_page_reaches_kafka(served, browser):
     browser.save_screenshot(str(ARTIFACTS / "ui-vote.png"))
 
     # 4. The vote is on the feedback topic, with the hashed user id
-    user_hash = hmac.new(served.user_hash_key, user.encode(), hashlib.sha256).hexdigest()
+    user_hash = hash_user_id(user, served.user_hash_key)
     deadline = time.monotonic() + 30
     while True:
         votes = [e for e in (parse_event(r.value) for r in read_topic(served.bootstrap, served.topics.feedback))

@@ -5,9 +5,10 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from alignloop.world.grammar import CATEGORIES, Prompt, all_prompts, split
+from alignloop.world.grammar import CATEGORIES, all_prompts, split
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch
 
@@ -75,8 +76,8 @@ def evaluate_clip_retrieval(clip, split_name: str = "all", renders: int = 1000, 
     correct = []
     for start in range(0, renders, 128):
         batch_images = images[start:start + 128]
-        x = torch.stack([clip.preprocess(_to_pil(im)) for im in batch_images])
-        image_features = torch.nn.functional.normalize(clip.encode_images(x).float(), dim=-1)
+        pil_images = [Image.fromarray(im) for im in batch_images]
+        image_features = torch.nn.functional.normalize(clip.encode_images(pil_images).float(), dim=-1)
         for row, image, prompt in zip(image_features, batch_images, prompts[start:start + 128]):
             candidates = [prompt]
             while len(candidates) < distractors + 1:
@@ -88,8 +89,3 @@ def evaluate_clip_retrieval(clip, split_name: str = "all", renders: int = 1000, 
     return {"split": split_name, "renders": renders, "candidates": distractors + 1,
             "accuracy": round(float(np.mean(correct)), 4), "seed": seed}
 
-
-def _to_pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(image)

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from alignloop.world.grammar import Prompt, parse_prompt
+from alignloop.world.grammar import parse_prompt
 from alignloop.world.render import BACKGROUND_RGB, OBJECT_RGB
 
 MIN_AREA = 8

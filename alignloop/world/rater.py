@@ -9,7 +9,7 @@ import dataclasses
 import random
 from typing import Optional
 
-from alignloop.world.grammar import CATEGORIES, Prompt, parse_prompt
+from alignloop.world.grammar import CATEGORIES, parse_prompt
 from alignloop.world.oracle import judge
 
 

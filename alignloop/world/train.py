@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
-from alignloop.world.grammar import CATEGORIES, COUNT_WORDS, Prompt, all_prompts, sample_prompts
+from alignloop.world.grammar import COUNT_WORDS, SHAPES, Prompt, sample_prompts
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch
 
@@ -192,8 +192,6 @@ def generated_pool(generator_dir: Path, size: int, rng: random.Random, steps: in
     Returns (images uint8 [N,32,32,3], list of caption lists); samples whose content is not a well-formed
     scene (no objects, more than 4, mixed shapes) are dropped.
     """
-    from alignloop.world.oracle import _labels, classify_shape  # noqa: F401  (shape check below)
-
     pipe = models.load_generator(str(generator_dir), device="cpu")
     images, captions = [], []
     prompts = sample_prompts(rng, size, "seen")
@@ -215,7 +213,7 @@ def _describe(image: np.ndarray):
     probe = judge(image, Prompt("count", 1, "circle"))  # any prompt: we read what was found
     if probe.found_color is None or not 1 <= probe.found_count <= max(COUNT_WORDS):
         return None
-    shapes = {s for s in ("circle", "square", "triangle")
+    shapes = {s for s in SHAPES
               if judge(image, Prompt("count", probe.found_count, s)).passed}
     if len(shapes) != 1:
         return None
@@ -225,13 +223,13 @@ def _describe(image: np.ndarray):
 def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator_dir: Path = None,
                progress: bool = True) -> Path:
     """Trains and exports the tiny open_clip model to out_dir; resumes from work_dir."""
-    import open_clip  # noqa: F401  (registers the CLIP class)
+    import open_clip
 
     work_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     model = models.build_tiny_clip()
-    tokenizer = __import__("open_clip").get_tokenizer("ViT-B-32", context_length=models.TEXT_CONTEXT)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models.TEXT_CONTEXT)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
