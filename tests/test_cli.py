@@ -39,3 +39,10 @@ def test_world_eval_prints_pass_rates_as_json():
     # Reproducible: the same seeds give the same verdicts.
     again = subprocess.run(result.args, capture_output=True, text=True, check=True)
     assert json.loads(again.stdout.strip().splitlines()[-1])["overall"] == report["overall"]
+
+
+def test_world_commands_reject_bad_counts_with_a_message():
+    for args, message in ((["eval", "--per-prompt", "0"], "--per-prompt must be >= 1, got 0"),
+                          (["eval-clip", "--renders", "0"], "--renders must be >= 1, got 0")):
+        result = subprocess.run([sys.executable, "-m", "alignloop", "world", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

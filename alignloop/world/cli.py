@@ -120,6 +120,8 @@ def _eval_clip(args) -> int:
     from alignloop.models import ModelNotFoundError, load_clip
     from alignloop.world.evaluate import evaluate_clip_retrieval
 
+    if args.renders < 1:
+        raise UserFacingError(f"--renders must be >= 1, got {args.renders}")
     try:
         clip = load_clip(args.clip, device="cpu")
     except ModelNotFoundError as err:
