@@ -59,6 +59,7 @@ def _reward_head_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # upcast dot operands: the interpreter's bf16 tl.dot is wrong
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (TF32 would miss 1e-5 parity); fp16/bf16 dots ignore it
+    GPU_FENCE: tl.constexpr,  # per-thread fence before the counter (PTX; the interpreter runs programs in turn)
 ):
     pid_h = tl.program_id(0)  # which BLOCK_H1 slice of the first hidden layer
     pid_b = tl.program_id(1)  # which BLOCK_B rows of the batch
@@ -111,8 +112,13 @@ def _reward_head_kernel(
         tl.atomic_add(acc_ptr + rows[:, None] * H2 + cols2[None, :], part,
                       mask=row_ok[:, None] & cols2_ok[None, :], sem="relaxed")
 
-    # 3. The last program of this batch block finishes it. The barrier makes every thread's atomics
-    #    precede the counter's release; acq_rel lets the last arriver see all other programs' sums.
+    # 3. The last program of this batch block finishes it. Every thread fences its own atomics (a barrier
+    #    alone does not wait for other warps' reductions to land: without this fence the last arriver read
+    #    partial sums on an H100 in fp16, where the dots are fast), then one thread releases the counter;
+    #    acq_rel lets the last arriver see all other programs' sums.
+    if GPU_FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [rows], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + pid_b, 1, sem="acq_rel")
     if arrived == tl.num_programs(0) - 1:
@@ -122,10 +128,11 @@ def _reward_head_kernel(
             cols2_ok = cols2 < H2
             mask = row_ok[:, None] & cols2_ok[None, :]
             acc_tile = acc_ptr + rows[:, None] * H2 + cols2[None, :]
-            # ".cg" reads at L2, where the other programs' atomics landed (L1 is not coherent); then
-            # zero the tile for the next launch: every other program of this block is done with it.
-            h2 = tl.load(acc_tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(acc_tile, tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), mask=mask)
+            # Read the sums where the atomics landed (L2) with an atomic add of zero, then zero the tile
+            # for the next launch: every other program of this block is done with it.
+            zeros = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            h2 = tl.where(mask, tl.atomic_add(acc_tile, zeros, mask=mask, sem="relaxed"), 0.0)
+            tl.store(acc_tile, zeros, mask=mask)
             b2 = tl.load(b2_ptr + cols2, mask=cols2_ok, other=0.0).to(tl.float32)
             w3 = tl.load(w3_ptr + cols2, mask=cols2_ok, other=0.0).to(tl.float32)
             h2 = tl.maximum(h2 + b2[None, :], 0.0)
@@ -223,6 +230,7 @@ def fused_reward_head(image_emb: torch.Tensor, text_emb: torch.Tensor, head: Rew
             BLOCK_B=block_b, BLOCK_H1=blocks.block_h1, BLOCK_K=blocks.block_k, BLOCK_N=blocks.block_n,
             DOT_IN_FP32=interpreting() and dtype == torch.bfloat16,
             PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            GPU_FENCE=not interpreting(),
             num_warps=blocks.num_warps,
         )
     except Exception:

@@ -120,11 +120,17 @@ def test_scorer_backends_agree_and_auto_follows_the_record(clip, head, record):
     pixels = torch.rand(6, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
     scores = {"onnxruntime": auto.score(pixels, "a red circle"),
               "torch": RewardScorer(clip, head, backend="torch").score(pixels, "a red circle")}
-    if interpreting() or torch.cuda.is_available():
+    atol = {"onnxruntime": 1e-4, "triton": 1e-4}
+    if interpreting():
         scores["triton"] = RewardScorer(clip, head, backend="triton").score(pixels, "a red circle")
+    elif torch.cuda.is_available():  # the fused kernel runs where the CLIP runs; cuDNN convolutions use TF32
+        from alignloop.models import load_clip
+        cuda_clip = load_clip(device="cuda", dtype=torch.float32)
+        scores["triton"] = RewardScorer(cuda_clip, head, backend="triton").score(pixels, "a red circle")
+        atol["triton"] = 2e-3
     for name, value in scores.items():
         assert value.shape == (6,) and value.dtype == torch.float32 and value.device.type == "cpu"
-        torch.testing.assert_close(value, scores["torch"], atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(value, scores["torch"], atol=atol.get(name, 0), rtol=0, msg=name)
 
 
 def test_scorer_without_head_is_clip_score(clip, record):

@@ -100,6 +100,19 @@ def test_fused_head_bf16_on_gpu():
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="a race needs programs that really run at once: GPU only")
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch", [9, 16, 200])
+def test_fused_head_last_program_sees_every_partial_sum_on_gpu(dtype, atol, batch):
+    # 64 programs per batch block add into one scratch and the last to arrive reads it. On an H100, before
+    # each thread fenced its atomics, that reader saw partial sums in fp16 and bf16 (errors up to 0.95,
+    # changing from launch to launch) while fp32, whose dots are slower, passed. Repeated launches.
+    head = spread_head(1024, (2048, 2048))
+    for _ in range(5):
+        got, expected = run_both(head, batch, dtype)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
 def test_fused_head_errors():
     head = RewardHead(16, (16, 16)).to(DEVICE)
     image = torch.randn(2, 16, device=DEVICE)
