@@ -231,28 +231,37 @@ def build_clip_tokenizer(folder: Path, max_length: int = TEXT_CONTEXT):
     return tokenizer
 
 
-def build_tiny_generator_components():
+def build_tiny_generator_components(config=None):
     """Randomly initialized parts of the bundled generator: (vae, unet, text_encoder, scheduler).
 
-    Sized so that 16 images at 20 DDIM steps with classifier-free guidance take well under 3 s on 2 CPU
-    cores: 32x32x3 images <-> 16x16x4 latents; a 3-level UNet (32/64/96 channels) with self- and
-    cross-attention at 8x8 and 4x4 (attention at 16x16 doubled the step time for little gain).
+    The sizes come from a `GeneratorTrainConfig` (its defaults are the bundled model's): 32x32x3 images <->
+    16x16x4 latents, a UNet with one level per entry of `unet_channels` and cross-attention where
+    `unet_attention` says, sized so that 16 images at 20 DDIM steps with classifier-free guidance take at
+    most 3 s on 2 CPU cores.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from alignloop.world.config import GeneratorTrainConfig
+
+    config = config or GeneratorTrainConfig()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16)
+                        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+                        block_out_channels=tuple(config.vae_channels), layers_per_block=1, norm_num_groups=16)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=TEXT_CONTEXT, projection_dim=64, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407))
+    attention = [bool(a) for a in config.unet_attention]
+    if len(attention) != len(config.unet_channels):
+        raise ValueError(f"unet_attention needs one entry per UNet level: {config.unet_attention} for "
+                         f"channels {config.unet_channels}")
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=config.unet_layers_per_block,
+        block_out_channels=tuple(config.unet_channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -46,3 +46,15 @@ def test_world_commands_reject_bad_counts_with_a_message():
                           (["eval-clip", "--renders", "0"], "--renders must be >= 1, got 0")):
         result = subprocess.run([sys.executable, "-m", "alignloop", "world", *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_training_flags_fill_the_config_including_per_level_tuples():
+    from alignloop.world.cli import _config_from_args
+    from alignloop.world.config import GeneratorTrainConfig
+
+    args = build_parser().parse_args(["world", "train-generator", "--unet-channels", "48", "64", "96",
+                                      "--unet-attention", "0", "1", "1", "--unet-lr", "1e-3"])
+    config = _config_from_args(args, GeneratorTrainConfig)
+    assert config.unet_channels == (48, 64, 96) and config.unet_attention == (0, 1, 1) and config.unet_lr == 1e-3
+    assert _config_from_args(build_parser().parse_args(["world", "train-generator"]), GeneratorTrainConfig) \
+        == GeneratorTrainConfig()

@@ -1,6 +1,7 @@
 """The bundled models' training jobs: a few steps, resumed from the checkpoint, exported and loadable."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -10,7 +11,7 @@ from alignloop.world.train import train_clip, train_generator
 
 
 def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path, capsys):
-    config = GeneratorTrainConfig(vae_steps=2, unet_steps=2, checkpoint_every=1, batch_size=8)
+    config = GeneratorTrainConfig(vae_steps=2, unet_steps=2, checkpoint_every=1, batch_size=8, vae_batch_size=8)
     train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
     train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
     assert "resumed from" in capsys.readouterr().out
@@ -18,6 +19,18 @@ def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path,
         train_generator(tmp_path / "out", tmp_path / "work", dataclasses.replace(config, unet_steps=3), progress=False)
     pipe = models.load_generator(str(tmp_path / "out"), device="cpu")
     assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == models.TEXT_CONTEXT
+    training = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert 0.0 <= training["vae_reconstruction_pass"] <= 1.0
+
+
+def test_generator_architecture_follows_the_config():
+    config = GeneratorTrainConfig(unet_channels=(48, 64), unet_attention=(0, 1), vae_channels=(16, 32))
+    vae, unet, _, _ = models.build_tiny_generator_components(config)
+    assert unet.config.block_out_channels == (48, 64) and vae.config.block_out_channels == (16, 32)
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert unet.config.up_block_types == ("CrossAttnUpBlock2D", "UpBlock2D")
+    with pytest.raises(ValueError, match="one entry per UNet level"):
+        models.build_tiny_generator_components(GeneratorTrainConfig(unet_channels=(32, 64), unet_attention=(1,)))
 
 
 def test_clip_training_resumes_and_exports_an_open_clip_folder(tmp_path, capsys):

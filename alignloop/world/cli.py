@@ -21,6 +21,8 @@ def add_commands(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: the bundled one)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/generator)")
+    p.add_argument("--device", default="cpu",
+                   help="where to train (default cpu, as the bundled model was; cuda runs the same recipe faster)")
     _add_config_args(p, GeneratorTrainConfig())
     p.set_defaults(func=_train_generator)
 
@@ -63,12 +65,17 @@ def add_commands(sub) -> None:
 def _add_config_args(parser, config) -> None:
     for field in dataclasses.fields(config):
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(config, field.name)), default=getattr(config, field.name),
-                            help=f"(default {getattr(config, field.name)})")
+        default = getattr(config, field.name)
+        if isinstance(default, tuple):  # one value per level: --unet-channels 32 64 96
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
+                                help=f"(default {' '.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
 
 
 def _config_from_args(args, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: tuple(v) if isinstance(v, list) else v
+                  for f in dataclasses.fields(cls) for v in [getattr(args, f.name)]})
 
 
 def _train_generator(args) -> int:
@@ -77,7 +84,7 @@ def _train_generator(args) -> int:
     from alignloop.world.train import train_generator
 
     out = train_generator(args.out or bundled_generator_dir(), args.work_dir or home() / "train" / "generator",
-                          _config_from_args(args, GeneratorTrainConfig))
+                          _config_from_args(args, GeneratorTrainConfig), device=args.device)
     print(f"wrote {out}")
     return 0
 

@@ -6,11 +6,18 @@ import dataclasses
 @dataclasses.dataclass
 class GeneratorTrainConfig:
     seed: int = 0
-    vae_steps: int = 800  # phase 1 optimizer steps
+    # Architecture (models.build_tiny_generator_components); 16x16 latents, one UNet level per channel entry.
+    vae_channels: tuple = (32, 64)
+    unet_channels: tuple = (48, 64, 96)
+    unet_attention: tuple = (0, 1, 1)  # 1: self- and cross-attention at that level
+    unet_layers_per_block: int = 1
+    vae_steps: int = 2400  # phase 1 optimizer steps: reconstructions pass the oracle at 0.77 after 800, 0.99 after 2400
+    vae_batch_size: int = 32
     vae_lr: float = 1e-3
+    vae_l1_weight: float = 0.0  # an L1 term next to the MSE, for sharper edges
     vae_kl_weight: float = 1e-6  # tiny, as in SD: the latent only needs to be roughly Gaussian
     unet_steps: int = 4000  # phase 2 optimizer steps (UNet + text encoder)
-    unet_lr: float = 5e-4
+    unet_lr: float = 1e-3
     warmup_steps: int = 100
     batch_size: int = 64
     uncond_prob: float = 0.1  # share of empty prompts, for classifier-free guidance
