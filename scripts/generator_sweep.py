@@ -1,8 +1,9 @@
 """Trains variants of the bundled generator's recipe side by side on one GPU and scores each with the oracle.
 
-This is how GeneratorTrainConfig's defaults were chosen: the recipe is the same code as
-`alignloop world train-generator` (on CPU the bundled model takes about an hour; on a GPU a variant takes
-minutes), so a GPU sweep ranks recipes and the CPU run then trains the winner. Each variant is a name
+The recipe is the same code as `alignloop world train-generator` (on CPU the bundled model takes about an
+hour), so a GPU sweep ranks recipes and the CPU run then trains the winner. Run few variants at once:
+processes sharing one GPU time-slice it, and eight of them did not finish the UNet phase in 9 minutes on an
+H100 (the autoencoder defaults came from the same code with `unet_steps=0`). Each variant is a name
 followed by config overrides; tuples take comma-separated values:
 
     python scripts/generator_sweep.py --out /tmp/sweep base "wide unet_channels=48,64,96 unet_lr=1e-3"
