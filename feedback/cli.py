@@ -134,15 +134,23 @@ def _cluster_down(args):
     print(f"kafka cluster stopped (data kept in {cluster.state_dir})")
 
 
+def _answering_bootstrap(given):
+    """--bootstrap or the configured broker, refused with a hint when nothing answers there."""
+    from alignloop.feedback import broker
+    from alignloop.settings import kafka_bootstrap
+
+    bootstrap = given or kafka_bootstrap()
+    if not broker.reachable(bootstrap):
+        raise broker.BrokerError(f"no Kafka broker answers at {bootstrap}; start one with `alignloop kafka up`")
+    return bootstrap
+
+
 @_user_errors
 def _kafka_topics(args):
     from alignloop.feedback import broker
     from alignloop.feedback.config import TopicSettings, Topics
-    from alignloop.settings import kafka_bootstrap
 
-    bootstrap = args.bootstrap or kafka_bootstrap()
-    if not broker.reachable(bootstrap):
-        raise broker.BrokerError(f"no Kafka broker answers at {bootstrap}; start one with `alignloop kafka up`")
+    bootstrap = _answering_bootstrap(args.bootstrap)
     settings = TopicSettings(partitions=args.partitions, replication=args.replication,
                              min_insync_replicas=args.min_insync_replicas,
                              retention_ms=int(args.retention_hours * 3600 * 1000))
@@ -153,15 +161,11 @@ def _kafka_topics(args):
 
 @_user_errors
 def _snapshot(args):
-    from alignloop.feedback import broker
     from alignloop.feedback.config import Topics
     from alignloop.feedback.image_store import ImageStore
     from alignloop.feedback.snapshot import SnapshotWriter
-    from alignloop.settings import kafka_bootstrap
 
-    bootstrap = args.bootstrap or kafka_bootstrap()
-    if not broker.reachable(bootstrap):
-        raise broker.BrokerError(f"no Kafka broker answers at {bootstrap}; start one with `alignloop kafka up`")
+    bootstrap = _answering_bootstrap(args.bootstrap)
     writer = SnapshotWriter(args.out, bootstrap, ImageStore(args.images), Topics().prefixed(args.topic_prefix),
                             group_id=args.group)
     try:

@@ -58,3 +58,11 @@ def test_training_flags_fill_the_config_including_per_level_tuples():
     assert config.unet_channels == (48, 64, 96) and config.unet_attention == (0, 1, 1) and config.unet_lr == 1e-3
     assert _config_from_args(build_parser().parse_args(["world", "train-generator"]), GeneratorTrainConfig) \
         == GeneratorTrainConfig()
+
+
+def test_broker_commands_name_the_unreachable_broker():
+    for args in (["kafka", "topics"], ["feedback", "snapshot", "--out", "unused"]):
+        result = subprocess.run([sys.executable, "-m", "alignloop", *args, "--bootstrap", "127.0.0.1:1"],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "no Kafka broker answers at 127.0.0.1:1" in result.stderr, args
+        assert "Traceback" not in result.stderr
