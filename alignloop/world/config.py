@@ -14,7 +14,6 @@ class GeneratorTrainConfig:
     vae_steps: int = 2400  # phase 1 optimizer steps: reconstructions pass the oracle at 0.77 after 800, 0.99 after 2400
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    vae_l1_weight: float = 0.0  # an L1 term next to the MSE, for sharper edges
     vae_kl_weight: float = 1e-6  # tiny, as in SD: the latent only needs to be roughly Gaussian
     unet_steps: int = 4000  # phase 2 optimizer steps (UNet + text encoder)
     unet_lr: float = 1e-3

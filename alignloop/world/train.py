@@ -133,8 +133,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
         x = to_tensor(batch()).to(device)  # [B,3,32,32]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = (F.mse_loss(recon, x) + config.vae_l1_weight * F.l1_loss(recon, x)
-                + config.vae_kl_weight * posterior.kl().mean())
+        loss = F.mse_loss(recon, x) + config.vae_kl_weight * posterior.kl().mean()
         vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         vae_opt.step()
