@@ -1,12 +1,14 @@
 """The bundled models' training jobs: a few steps, resumed from the checkpoint, exported and loadable."""
 
 import dataclasses
+import importlib
 import json
 
 import pytest
 
 from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
+from alignloop.world.render import world_signature
 from alignloop.world.train import train_clip, train_generator
 
 
@@ -21,6 +23,16 @@ def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path,
     assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == models.TEXT_CONTEXT
     training = json.loads((tmp_path / "out" / "training.json").read_text())
     assert 0.0 <= training["vae_reconstruction_pass"] <= 1.0
+
+
+def test_checkpoint_of_another_world_is_not_resumed(tmp_path, monkeypatch):
+    config = ClipTrainConfig(steps=1, checkpoint_every=1, batch_size=16)
+    train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
+    assert json.loads((tmp_path / "clip" / "training.json").read_text())["world"] == world_signature()
+    render = importlib.import_module("alignloop.world.render")  # the package's `render` is the function
+    monkeypatch.setattr(render, "MAX_SIZE", render.MAX_SIZE + 1)
+    with pytest.raises(ValueError, match="another shapes world"):
+        train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
 
 
 def test_generator_architecture_follows_the_config():

@@ -60,7 +60,7 @@ class Prompt:
         if self.category == "count":
             return f"{COUNT_WORDS[self.count]} {noun}"
         if self.category == "color":
-            return f"a {self.color} {noun}"
+            return f"{'an' if self.color[0] in 'aeiou' else 'a'} {self.color} {noun}"
         if self.category == "background":
             return f"a {noun} on a {self.background} background"
         return f"{COUNT_WORDS[self.count]} {self.color} {noun} on a {self.background} background"

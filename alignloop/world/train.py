@@ -3,7 +3,7 @@
 Two jobs, each resumable from its last checkpoint in --work-dir and seeded:
 - the generator: an AutoencoderKL (phase 1), then a UNet2DConditionModel and a CLIP text encoder trained
   together with the epsilon-prediction loss, 10% empty prompts for classifier-free guidance, and an EMA of
-  the UNet weights (phase 2); exported as a diffusers StableDiffusionPipeline folder;
+  both (phase 2); exported as a diffusers StableDiffusionPipeline folder;
 - the CLIP: a tiny open_clip model trained contrastively on world renders and on generator samples captioned
   by what the oracle found in them (so the scorer knows the generator's own look, and is not told that a
   wrong sample matches its prompt); exported as an open_clip folder.
@@ -25,7 +25,7 @@ from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world.grammar import COUNT_WORDS, SHAPES, Prompt, sample_prompts
 from alignloop.world.oracle import judge
-from alignloop.world.render import render_batch
+from alignloop.world.render import render_batch, world_signature
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,13 +50,17 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def _load_checkpoint(path: Path, config):
-    """The checkpoint at path, or None; refuses one written with another config (resuming it would mix runs)."""
+    """The checkpoint at path, or None; refuses one written with another config or for another world
+    (resuming it would mix runs)."""
     if not path.exists():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt["config"] != dataclasses.asdict(config):
         raise ValueError(f"{path} was written with another config; use a fresh --work-dir or the same "
                          f"settings. saved={ckpt['config']}")
+    if ckpt.get("world") != world_signature():
+        raise ValueError(f"{path} was written for another shapes world (its grammar, renderer or held-out split "
+                         f"changed since); use a fresh --work-dir")
     return ckpt
 
 
@@ -94,7 +98,9 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     vae, unet, text_encoder, scheduler = models.build_tiny_generator_components(config)
     vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
     tokenizer = models.build_clip_tokenizer(work_dir / "tokenizer")
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    # The UNet and the text encoder are trained together, so they are averaged and exported together.
+    averaged = {"unet": unet, "text_encoder": text_encoder}
+    ema = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in averaged.items()}
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     # Decaying the rate matters for the autoencoder: sharp corners come in the low-rate tail.
     vae_sched = torch.optim.lr_scheduler.LambdaLR(vae_opt, _lr_lambda(config.warmup_steps, config.vae_steps))
@@ -110,12 +116,13 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
         text_encoder.load_state_dict(ckpt["text_encoder"]), vae_opt.load_state_dict(ckpt["vae_opt"])
         vae_sched.load_state_dict(ckpt["vae_sched"])
         unet_opt.load_state_dict(ckpt["unet_opt"]), unet_sched.load_state_dict(ckpt["unet_sched"])
-        ema, state = {k: v.to(device) for k, v in ckpt["ema"].items()}, ckpt["state"]
+        ema = {name: {k: v.to(device) for k, v in weights.items()} for name, weights in ckpt["ema"].items()}
+        state = ckpt["state"]
         _set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path}: vae step {state['vae_step']}, unet step {state['unet_step']}")
 
     def checkpoint():
-        _save_atomic({"config": dataclasses.asdict(config), "vae": vae.state_dict(), "unet": unet.state_dict(),
+        _save_atomic({"config": dataclasses.asdict(config), "world": world_signature(), "vae": vae.state_dict(), "unet": unet.state_dict(),
                       "text_encoder": text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
                       "vae_sched": vae_sched.state_dict(),
                       "unet_opt": unet_opt.state_dict(), "unet_sched": unet_sched.state_dict(), "ema": ema,
@@ -175,9 +182,11 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         unet_opt.step()
         unet_sched.step()
-        with torch.no_grad():  # EMA of the UNet: samples from averaged weights are markedly cleaner
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        with torch.no_grad():  # samples from averaged weights are markedly cleaner
+            for name, module in averaged.items():
+                for k, v in module.state_dict().items():
+                    average = ema[name][k]
+                    average.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay) if v.dtype.is_floating_point else average.copy_(v)
         state["unet_step"] = step + 1
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{unet_sched.get_last_lr()[0]:.1e}")
         if state["unet_step"] % config.checkpoint_every == 0:
@@ -186,14 +195,16 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     checkpoint()
 
     #### EXPORT ####
-    unet.load_state_dict(ema)
+    for name, module in averaged.items():
+        module.load_state_dict(ema[name])
     vae, unet, text_encoder = vae.cpu(), unet.cpu(), text_encoder.cpu()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out_dir))
     (out_dir / "training.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "vae_reconstruction_pass": state["vae_reconstruction_pass"],
+        {"config": dataclasses.asdict(config), "world": world_signature(),
+         "vae_reconstruction_pass": state["vae_reconstruction_pass"],
          "log": state["log"]}, indent=1))
     return out_dir
 
@@ -261,7 +272,7 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
     state = {"step": 0, "log": []}
 
-    pool_path = work_dir / "generated_pool.npz"
+    pool_path = work_dir / f"generated_pool-{world_signature()}.npz"
     pool = None
     if generator_dir is not None:
         if not pool_path.exists():
@@ -279,7 +290,7 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
         print(f"resumed from {ckpt_path}: step {state['step']}")
 
     def checkpoint():
-        _save_atomic({"config": dataclasses.asdict(config), "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        _save_atomic({"config": dataclasses.asdict(config), "world": world_signature(), "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "state": state, "rng": _rng_state(rng)}, ckpt_path)
 
     n_generated = int(config.batch_size * config.generated_share) if pool is not None else 0
@@ -315,6 +326,6 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
             checkpoint()
     checkpoint()
     models.save_tiny_clip(model.eval(), out_dir)
-    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "log": state["log"]},
+    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "world": world_signature(), "log": state["log"]},
                                                       indent=1))
     return out_dir
