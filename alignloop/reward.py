@@ -17,9 +17,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from alignloop.kernels import ScorerConfig, choose_backend, grouped_topk
-from alignloop.kernels.onnx_scorer import OrtSession, ScorerGraph, clip_score, export_scorer_onnx
+from alignloop.kernels.onnx_scorer import OrtSession, ScorerGraph, cached_scorer_onnx, clip_score
 from alignloop.kernels.reference import RewardHead
 from alignloop.models import ClipBundle
+from alignloop.settings import home
 
 __all__ = ["RewardScorer", "RewardHead", "grouped_topk"]
 
@@ -54,7 +55,8 @@ class RewardScorer:
         self.backend = self.choice.backend
         self._ort = None
         if self.backend == "onnxruntime":
-            model = export_scorer_onnx(clip.model, self._mean, self._std, clip.image_size, clip.embed_dim, self.head)
+            model = cached_scorer_onnx(home() / "onnx", clip.model, self._mean, self._std, clip.image_size,
+                                       clip.embed_dim, self.head)
             self._ort = OrtSession(model, threads=self.config.ort_threads)
 
         self._text_cache = collections.OrderedDict()  # prompt -> text embedding [1, D]

@@ -11,7 +11,10 @@ so the session asks for CUDA only when torch sees a GPU and `providers` reports 
 """
 
 import copy
+import hashlib
 import io
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -82,6 +85,42 @@ def export_scorer_onnx(clip_model: nn.Module, mean, std, image_size: int, embed_
     if path:
         with open(path, "wb") as f:
             f.write(data)
+    return data
+
+
+def _fingerprint(*parts) -> str:
+    """sha256 over plain values and modules (their structure and every tensor's bytes)."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for part in parts:
+        if isinstance(part, nn.Module):
+            digest.update(repr(part).encode())
+            for name, tensor in part.state_dict().items():
+                tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+                digest.update(f"{name}:{tensor.dtype}:{tensor.numel()}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_scorer_onnx(cache_dir: Path, clip_model: nn.Module, mean, std, image_size: int, embed_dim: int,
+                       head: Optional[RewardHead] = None, keep: int = 8) -> bytes:
+    """export_scorer_onnx, kept on disk under a hash of everything the graph depends on, so that a serving
+    worker, or a reward head swapped in again after a rollback, loads in milliseconds instead of exporting
+    again (seconds for the tiny CLIP, far more for a large one). The `keep` most recently used graphs stay."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"scorer-{_fingerprint(clip_model, head, tuple(mean), tuple(std), image_size, embed_dim)}.onnx"
+    if path.exists():
+        os.utime(path)  # most recently used
+        return path.read_bytes()
+    data = export_scorer_onnx(clip_model, mean, std, image_size, embed_dim, head)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # whole file or none: workers may export side by side
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    graphs = sorted(cache_dir.glob("scorer-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for stale in graphs[keep:]:
+        stale.unlink(missing_ok=True)
     return data
 
 

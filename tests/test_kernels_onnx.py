@@ -1,10 +1,14 @@
 """ONNX Runtime against torch: the head alone and the whole scorer with the bundled tiny CLIP."""
 
+import copy
+
 import pytest
 import torch
 
 from alignloop.kernels import RewardHead
-from alignloop.kernels.onnx_scorer import OrtSession, ScorerGraph, export_head_onnx, export_scorer_onnx
+from alignloop.kernels import onnx_scorer
+from alignloop.kernels.onnx_scorer import (OrtSession, ScorerGraph, cached_scorer_onnx, export_head_onnx,
+                                           export_scorer_onnx)
 from alignloop.models import load_clip
 
 ATOL = 1e-4
@@ -79,3 +83,25 @@ def test_whole_scorer_onnxruntime_matches_torch(clip, normalize, with_head, tmp_
         image_emb = clip.encode_images((pixels - graph.mean) / graph.std)
         direct = head(image_emb, text) if with_head else torch.nn.functional.cosine_similarity(image_emb, text)
     torch.testing.assert_close(got, direct.float(), atol=ATOL, rtol=0)
+
+
+def test_scorer_graph_is_exported_once_per_weights_and_the_oldest_evicted(clip, normalize, tmp_path, monkeypatch):
+    exports = []
+    export = onnx_scorer.export_scorer_onnx
+    monkeypatch.setattr(onnx_scorer, "export_scorer_onnx", lambda *args: exports.append(args) or export(*args))
+    head = spread_head(clip.embed_dim, (64, 32))
+    args = (clip.model, *normalize, clip.image_size, clip.embed_dim)
+    first = cached_scorer_onnx(tmp_path, *args, head)
+    assert cached_scorer_onnx(tmp_path, *args, copy.deepcopy(head)) == first  # same weights: read back
+    assert len(exports) == 1
+    retrained = copy.deepcopy(head)
+    with torch.no_grad():
+        retrained.linears()[-1].bias.add_(0.5)
+    second = cached_scorer_onnx(tmp_path, *args, retrained, keep=1)
+    assert len(exports) == 2 and second != first
+    assert [f.read_bytes() for f in tmp_path.glob("scorer-*.onnx")] == [second]  # only the newest kept
+    text = clip.encode_texts(["a red circle"])
+    pixels = torch.rand(3, 3, clip.image_size, clip.image_size)
+    with torch.no_grad():
+        expected = ScorerGraph(clip.model, *normalize, retrained).eval()(pixels, text)
+    torch.testing.assert_close(OrtSession(second)(pixels=pixels, text_embedding=text), expected, atol=ATOL, rtol=0)
