@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
+from alignloop.world.evaluate import generate_images
 from alignloop.world.grammar import COUNT_WORDS, SHAPES, Prompt, sample_prompts
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch, world_signature
@@ -233,10 +234,8 @@ def generated_pool(generator_dir: Path, size: int, rng: random.Random, steps: in
     prompts = sample_prompts(rng, size, "seen")
     for i in tqdm(range(0, size, 32), desc="generator samples", disable=not progress):
         chunk = prompts[i:i + 32]
-        gen = torch.Generator().manual_seed(rng.randrange(2**31))
-        out = pipe([p.text for p in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
-                   height=32, width=32, output_type="np").images
-        for image in (out * 255).round().astype(np.uint8):
+        seeds = [rng.randrange(2**31) for _ in chunk]
+        for image in generate_images(pipe, [p.text for p in chunk], seeds, steps, guidance):
             found = _describe(image)
             if found:
                 images.append(image)
