@@ -8,8 +8,6 @@ counts, because this machine may be shared. `ratio` = ours / bare events/s (bigg
 """
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +20,7 @@ from alignloop.events import FeedbackEvent
 from alignloop.feedback import broker
 from alignloop.feedback.config import ProducerConfig, TopicSettings, Topics
 from alignloop.feedback.producer import EventProducer
+from alignloop.machine import describe_machine
 from alignloop.settings import kafka_bootstrap
 
 
@@ -42,8 +41,7 @@ def run(bootstrap: str | None = None, events: int = 10_000, rounds: int = 3) -> 
         broker.delete_topics(address, topics)
     return {
         "benchmark": "feedback",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": describe_machine(),
         "settings": {"events": events, "rounds": rounds, "acks": "all", "enable_idempotence": True,
                      "linger_ms": config.linger_ms, "batch_size": config.batch_size, "partitions": 3,
                      "broker": "Apache Kafka 4.4.0, one KRaft node on loopback", "validation": True, "spool": True},

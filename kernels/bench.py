@@ -13,8 +13,6 @@ import copy
 import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from alignloop.kernels.config import HeadConfig, ScorerConfig
 from alignloop.kernels.dispatch import CPU_CHOICE_SCHEMA
 from alignloop.kernels.reference import RewardHead
+from alignloop.machine import describe_machine
 
 LEE = HeadConfig(embed_dim=768, hidden=(1024, 1024))  # ViT-L-14 embeddings, two hidden layers of 1024
 ONNX_MARGIN = 1.05  # onnxruntime must be >= 5% faster to be chosen: it costs an export at start-up
@@ -38,25 +37,7 @@ def machine_info() -> dict:
     import onnxruntime
     import triton
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__, "triton": triton.__version__, "onnxruntime": onnxruntime.__version__,
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
+    return {**describe_machine(), "triton": triton.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def cuda_time(fn: Callable, iters: int = 200, repeats: int = 5) -> float:

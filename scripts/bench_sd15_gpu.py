@@ -67,6 +67,7 @@ def main() -> int:
         return 2
     import open_clip
 
+    from alignloop.machine import describe_machine
     from alignloop.kernels import RewardHead
     from alignloop.models import load_clip
     from alignloop.reward import RewardScorer
@@ -88,7 +89,7 @@ def main() -> int:
     generate_s, images = timed(generate, args.repeats)
     result = {"n": args.n, "steps": args.steps, "resolution": 512, "dtype": "fp16", "generate_s": round(generate_s, 4),
               "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()), "scoring": {},
-              "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}}
+              "machine": describe_machine()}
     for backend in ("triton", "torch"):
         scorer = RewardScorer(clip, head, backend=backend)
         scorer.score(images, prompt)  # warm-up: compile, text cache

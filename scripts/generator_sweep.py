@@ -83,16 +83,12 @@ def main() -> int:
     jobs = [(spec, str(args.out), args.device, args.unseen_per_prompt, args.seen_prompts) for spec in args.variants]
     with multiprocessing.get_context("spawn").Pool(min(args.parallel, len(jobs))) as pool:
         results = pool.starmap(run_variant, jobs)
-    summary = {"machine": _machine(), "results": results}
+    from alignloop.machine import describe_machine
+
+    summary = {"machine": describe_machine(), "results": results}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
-
-
-def _machine() -> dict:
-    import torch
-
-    return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Prints one JSON object on its last line.
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from alignloop.machine import describe_machine
 
 N, K = 16, 4
 
@@ -242,18 +243,5 @@ def _prompts(count: int) -> list:
 
 
 def _machine(load_before) -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "loadavg_at_start": [round(x, 2) for x in load_before],
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    return {**describe_machine(), "load_average_at_start": [round(x, 2) for x in load_before],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}

@@ -181,3 +181,10 @@ def test_scorer_errors(clip, head, record):
         scorer.score([pil_images(1)[0], "not an image"], "p")
     with pytest.raises(ValueError, match=r"head.embed_dim must equal the CLIP's embed_dim \(64"):
         RewardScorer(clip, RewardHead(32, (16, 16)))
+
+
+def test_benchmark_records_the_machine_its_cpu_choice_quotes():
+    from alignloop.kernels.bench import machine_info
+    info = machine_info()
+    assert {"cpu", "cpu_count", "torch_threads", "load_average_1m", "torch", "triton", "onnxruntime"} <= set(info)
+    assert info["cpu_count"] >= 1 and info["torch_threads"] >= 1 and info["cuda"] == torch.cuda.is_available()
