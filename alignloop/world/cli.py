@@ -62,6 +62,23 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_eval_clip)
 
 
+def add_benchmarks(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "generator", help="seconds to draw 16 images at 20 steps with guidance, against the 3 s budget",
+        description="Time one call that draws --images images at --steps DDIM steps with classifier-free "
+                    "guidance (median of --repeats after a warm-up). The ratio is the budget over the median: "
+                    "at least 1 when the generator is fast enough for every later measurement to run on it.")
+    p.add_argument("--generator", default="shapes-sd-tiny", help="bundled name, diffusers folder or hub id")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=3.0, help="seconds allowed (default 3, the bundled model's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=_bench_generator)
+
+
 def _add_config_args(parser, config) -> None:
     for field in dataclasses.fields(config):
         flag = "--" + field.name.replace("_", "-")
@@ -137,4 +154,30 @@ def _eval_clip(args) -> int:
     result["clip"] = args.clip
     print(json.dumps(result) if args.json else f"retrieval accuracy {result['accuracy']:.3f} "
           f"({result['renders']} renders, 1 of {result['candidates']})")
+    return 0
+
+
+def _bench_generator(args) -> int:
+    from alignloop.errors import UserFacingError
+    from alignloop.machine import describe_machine
+    from alignloop.models import ModelNotFoundError, load_generator
+    from alignloop.world.evaluate import time_generation
+
+    if min(args.images, args.steps, args.repeats) < 1 or args.budget <= 0:
+        raise UserFacingError(f"--images, --steps and --repeats must be >= 1 and --budget > 0, got {args.images}, "
+                              f"{args.steps}, {args.repeats} and {args.budget}")
+    try:
+        pipe = load_generator(args.generator, device=args.device)
+    except ModelNotFoundError as err:
+        raise UserFacingError(str(err)) from err
+    timing = time_generation(pipe, args.images, args.steps, args.guidance, args.repeats)
+    result = {"benchmark": "generator", "generator": args.generator, "machine": describe_machine(),
+              "settings": {k: timing[k] for k in ("images", "steps", "guidance", "repeats")}, "budget_s": args.budget,
+              "seconds_median": timing["seconds_median"], "seconds": timing["seconds"],
+              "ratio": round(args.budget / timing["seconds_median"], 3),
+              "ratio_means": f"budget {args.budget} s / median seconds (>= 1: within budget)"}
+    if not args.json:
+        print(f"{args.images} images, {args.steps} steps, guidance {args.guidance}: "
+              f"{timing['seconds_median']:.2f} s (median of {args.repeats}; budget {args.budget} s)")
+    print(json.dumps(result))
     return 0

@@ -1,6 +1,8 @@
 """Measures a generator or a CLIP model against the oracle on a split of the shapes world."""
 
 import random
+import statistics
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -25,6 +27,18 @@ def generate_images(pipe, texts, seeds, steps: int, guidance: float) -> np.ndarr
     out = pipe(list(texts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                output_type="np").images
     return (out * 255).round().astype(np.uint8)
+
+
+def time_generation(pipe, images: int = 16, steps: int = 20, guidance: float = 5.0, repeats: int = 5) -> dict:
+    """Seconds to draw `images` images of world prompts in one call: median of `repeats` after a warm-up."""
+    texts = [p.text for p in random.Random(0).sample(split("seen"), images)]
+    seconds = []
+    for repeat in range(repeats + 1):
+        started = time.perf_counter()
+        generate_images(pipe, texts, range(repeat * images, (repeat + 1) * images), steps, guidance)
+        seconds.append(time.perf_counter() - started)
+    return {"images": images, "steps": steps, "guidance": guidance, "repeats": repeats,
+            "seconds_median": round(statistics.median(seconds[1:]), 3), "seconds": [round(s, 3) for s in seconds[1:]]}
 
 
 def summarize(prompts, verdicts) -> dict:
