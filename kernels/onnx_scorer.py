@@ -13,7 +13,9 @@ so the session asks for CUDA only when torch sees a GPU and `providers` reports 
 import copy
 import hashlib
 import io
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -88,40 +90,65 @@ def export_scorer_onnx(clip_model: nn.Module, mean, std, image_size: int, embed_
     return data
 
 
-def _fingerprint(*parts) -> str:
-    """sha256 over plain values and modules (their structure and every tensor's bytes)."""
-    digest = hashlib.sha256(torch.__version__.encode())
-    for part in parts:
-        if isinstance(part, nn.Module):
-            digest.update(repr(part).encode())
-            for name, tensor in part.state_dict().items():
-                tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-                digest.update(f"{name}:{tensor.dtype}:{tensor.numel()}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(part).encode())
+GRAPH_VERSION = 1  # bump with any change to ScorerGraph or _export: cached graphs of older code are not reused
+
+
+def _fingerprint(modules: Sequence[Optional[nn.Module]], values: list) -> str:
+    """sha256 of the modules (structure and every tensor's bytes), plain values, and the exporting code."""
+    import onnx
+    import onnxscript
+
+    digest = hashlib.sha256(json.dumps([GRAPH_VERSION, torch.__version__, onnx.__version__, onnxscript.__version__,
+                                        values, [repr(m) for m in modules]]).encode())
+    for module in modules:
+        for name, tensor in ({} if module is None else module.state_dict()).items():
+            tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(json.dumps([name, str(tensor.dtype), tensor.numel()]).encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
 
 
 def cached_scorer_onnx(cache_dir: Path, clip_model: nn.Module, mean, std, image_size: int, embed_dim: int,
                        head: Optional[RewardHead] = None, keep: int = 8) -> bytes:
-    """export_scorer_onnx, kept on disk under a hash of everything the graph depends on, so that a serving
-    worker, or a reward head swapped in again after a rollback, loads in milliseconds instead of exporting
-    again (seconds for the tiny CLIP, far more for a large one). The `keep` most recently used graphs stay."""
+    """export_scorer_onnx, kept on disk under a hash of everything the graph depends on, so that the next
+    serving worker (or the next start) loads the graph in milliseconds instead of exporting it again
+    (seconds for the tiny CLIP, far more for a large one). The `keep` most recently used graphs stay."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"scorer-{_fingerprint(clip_model, head, tuple(mean), tuple(std), image_size, embed_dim)}.onnx"
-    if path.exists():
+    key = _fingerprint([clip_model, head], [list(mean), list(std), image_size, embed_dim])
+    path = cache_dir / f"scorer-{key}.onnx"
+    try:
+        data = path.read_bytes()
         os.utime(path)  # most recently used
-        return path.read_bytes()
+        return data
+    except FileNotFoundError:  # not cached yet, or evicted by another worker a moment ago
+        pass
     data = export_scorer_onnx(clip_model, mean, std, image_size, embed_dim, head)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # whole file or none: workers may export side by side
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    graphs = sorted(cache_dir.glob("scorer-*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
-    for stale in graphs[keep:]:
-        stale.unlink(missing_ok=True)
+    # Whole file or none: workers may export the same graph side by side.
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _evict(cache_dir, keep, spare=path)
     return data
+
+
+def _evict(cache_dir: Path, keep: int, spare: Path) -> None:
+    """Deletes all but the `keep` most recently used graphs, never `spare`; other workers may delete too."""
+    used = []
+    for graph in cache_dir.glob("scorer-*.onnx"):
+        try:
+            used.append((graph.stat().st_mtime, graph))
+        except FileNotFoundError:
+            continue
+    older = [graph for _, graph in sorted(used, reverse=True) if graph != spare]
+    for graph in older[keep - 1:]:
+        graph.unlink(missing_ok=True)
 
 
 class _HeadGraph(nn.Module):

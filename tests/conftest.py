@@ -1,11 +1,18 @@
 """Shared test set-up. Stage-specific fixtures live in their own modules, listed in pytest_plugins."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Triton's interpreter must be chosen before any kernel module is imported (CPU-only machines).
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Tests never touch the user's own state or a model hub.
+# Tests never touch the user's own state or a model hub. (Downloads such as the Kafka jars stay shared,
+# under ALIGNLOOP_CACHE.)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "ALIGNLOOP_HOME" not in os.environ:
+    os.environ["ALIGNLOOP_HOME"] = tempfile.mkdtemp(prefix="alignloop-test-home-")
+    atexit.register(shutil.rmtree, os.environ["ALIGNLOOP_HOME"], ignore_errors=True)
 
 pytest_plugins = ["kafka_fixtures", "service_fixtures"]

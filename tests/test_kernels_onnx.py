@@ -1,6 +1,7 @@
 """ONNX Runtime against torch: the head alone and the whole scorer with the bundled tiny CLIP."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -85,23 +86,34 @@ def test_whole_scorer_onnxruntime_matches_torch(clip, normalize, with_head, tmp_
     torch.testing.assert_close(got, direct.float(), atol=ATOL, rtol=0)
 
 
-def test_scorer_graph_is_exported_once_per_weights_and_the_oldest_evicted(clip, normalize, tmp_path, monkeypatch):
+def test_scorer_graph_is_exported_once_per_weights_and_read_back_after(clip, normalize, tmp_path, monkeypatch):
     exports = []
     export = onnx_scorer.export_scorer_onnx
     monkeypatch.setattr(onnx_scorer, "export_scorer_onnx", lambda *args: exports.append(args) or export(*args))
     head = spread_head(clip.embed_dim, (64, 32))
     args = (clip.model, *normalize, clip.image_size, clip.embed_dim)
     first = cached_scorer_onnx(tmp_path, *args, head)
+    (cached,) = tmp_path.glob("scorer-*.onnx")
+    os.utime(cached, (0, 0))
     assert cached_scorer_onnx(tmp_path, *args, copy.deepcopy(head)) == first  # same weights: read back
-    assert len(exports) == 1
+    assert len(exports) == 1 and cached.stat().st_mtime > 0  # and marked as just used
     retrained = copy.deepcopy(head)
     with torch.no_grad():
         retrained.linears()[-1].bias.add_(0.5)
-    second = cached_scorer_onnx(tmp_path, *args, retrained, keep=1)
-    assert len(exports) == 2 and second != first
-    assert [f.read_bytes() for f in tmp_path.glob("scorer-*.onnx")] == [second]  # only the newest kept
+    second = cached_scorer_onnx(tmp_path, *args, retrained)
+    assert len(exports) == 2 and second != first and len(list(tmp_path.glob("scorer-*"))) == 2
     text = clip.encode_texts(["a red circle"])
     pixels = torch.rand(3, 3, clip.image_size, clip.image_size)
     with torch.no_grad():
         expected = ScorerGraph(clip.model, *normalize, retrained).eval()(pixels, text)
     torch.testing.assert_close(OrtSession(second)(pixels=pixels, text_embedding=text), expected, atol=ATOL, rtol=0)
+
+
+def test_cache_keeps_the_most_recently_used_graphs_and_the_new_one(tmp_path):
+    for age, name in enumerate("abcd"):  # a used most recently, d least
+        (tmp_path / f"scorer-{name}.onnx").write_bytes(b"graph")
+        os.utime(tmp_path / f"scorer-{name}.onnx", (1000 - age, 1000 - age))
+    onnx_scorer._evict(tmp_path, keep=2, spare=tmp_path / "scorer-d.onnx")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["scorer-a.onnx", "scorer-d.onnx"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        cached_scorer_onnx(tmp_path, None, (0,), (1,), 32, 64, keep=0)
