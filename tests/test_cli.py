@@ -44,7 +44,8 @@ def test_world_eval_prints_pass_rates_as_json():
 def test_world_commands_reject_bad_counts_with_a_message():
     for args, message in ((["world", "eval", "--per-prompt", "0"], "--per-prompt must be >= 1, got 0"),
                           (["world", "eval-clip", "--renders", "0"], "--renders must be >= 1, got 0"),
-                          (["bench", "generator", "--repeats", "0"], "--repeats must be >= 1")):
+                          (["bench", "generator", "--repeats", "0"], "--repeats must be in 1..1000, got 0"),
+                          (["bench", "generator", "--images", "999"], "--images must be in 1..280, got 999")):
         result = subprocess.run([sys.executable, "-m", "alignloop", *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
@@ -53,7 +54,8 @@ def test_generator_benchmark_times_the_call_against_the_budget():
     result = subprocess.run([sys.executable, "-m", "alignloop", "bench", "generator", "--images", "2", "--steps", "2",
                              "--repeats", "2", "--budget", "1000", "--json"], capture_output=True, text=True, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["settings"] == {"images": 2, "steps": 2, "guidance": 5.0, "repeats": 2} and len(report["seconds"]) == 2
+    assert report["settings"] == {"images": 2, "steps": 2, "guidance": 5.0, "repeats": 2, "device": "cpu",
+                                  "dtype": "float32"} and len(report["seconds"]) == 2
     assert report["ratio"] == round(1000 / report["seconds_median"], 3) and report["machine"]["cpu_count"] >= 1
 
 

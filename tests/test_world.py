@@ -22,6 +22,7 @@ def test_every_prompt_text_parses_back():
     for p in all_prompts():
         assert parse_prompt(p.text) == p
         assert parse_prompt("  " + p.text.upper() + ". ") == p
+    assert Prompt("color", 1, "circle", color="orange").text == "an orange circle"  # English articles
     assert parse_prompt("a photo of a dog") is None
     assert parse_prompt("five red circles") is None  # counts stop at four
 

@@ -4,12 +4,14 @@ import dataclasses
 import importlib
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
-from alignloop.world.render import world_signature
-from alignloop.world.train import train_clip, train_generator
+from alignloop.world import world_signature
+from alignloop.world.train import TrainingMismatch, train_clip, train_generator
 
 
 def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path, capsys):
@@ -22,17 +24,36 @@ def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path,
     pipe = models.load_generator(str(tmp_path / "out"), device="cpu")
     assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == models.TEXT_CONTEXT
     training = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert 0.0 <= training["vae_reconstruction_pass"] <= 1.0
+    assert 0.0 <= training["vae_reconstruction_pass"] <= 1.0 and training["world"] == world_signature()
+    # Exported: the averaged UNet and text encoder, which were trained together.
+    ema = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)["ema"]
+    for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, ema[name][key], rtol=0, atol=0)
 
 
-def test_checkpoint_of_another_world_is_not_resumed(tmp_path, monkeypatch):
-    config = ClipTrainConfig(steps=1, checkpoint_every=1, batch_size=16)
-    train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
+def test_clip_trains_on_its_generator_samples_and_refuses_another_world(tmp_path, monkeypatch):
+    config = ClipTrainConfig(steps=1, checkpoint_every=1, batch_size=16, generated_pool=32)
+    generator = models.bundled_generator_dir()
+    train_clip(tmp_path / "clip", tmp_path / "work", config, generator_dir=generator, progress=False)
+    (pool,) = (tmp_path / "work").glob("generated_pool-*.npz")
+    assert 0 < len(np.load(pool)["images"]) <= 32 and np.load(pool)["images"].shape[1:] == (32, 32, 3)
     assert json.loads((tmp_path / "clip" / "training.json").read_text())["world"] == world_signature()
+
+    elsewhere = tmp_path / "generator-of-another-world"
+    elsewhere.mkdir()
+    (elsewhere / "training.json").write_text(json.dumps({"world": "0123456789ab"}))
+    with pytest.raises(TrainingMismatch, match=f"generator {elsewhere} was trained for another shapes world"):
+        train_clip(tmp_path / "clip2", tmp_path / "work2", config, generator_dir=elsewhere, progress=False)
     render = importlib.import_module("alignloop.world.render")  # the package's `render` is the function
     monkeypatch.setattr(render, "MAX_SIZE", render.MAX_SIZE + 1)
-    with pytest.raises(ValueError, match="another shapes world"):
-        train_clip(tmp_path / "clip", tmp_path / "work", config, progress=False)
+    with pytest.raises(TrainingMismatch, match="was written for another shapes world"):
+        train_clip(tmp_path / "clip", tmp_path / "work", config, generator_dir=generator, progress=False)
+
+
+def test_bundled_models_were_trained_on_this_world():
+    for folder in (models.bundled_generator_dir(), models.bundled_clip_dir()):
+        assert json.loads((folder / "training.json").read_text())["world"] == world_signature(), folder
 
 
 def test_generator_architecture_follows_the_config():

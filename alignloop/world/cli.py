@@ -162,19 +162,25 @@ def _bench_generator(args) -> int:
     from alignloop.machine import describe_machine
     from alignloop.models import ModelNotFoundError, load_generator
     from alignloop.world.evaluate import time_generation
+    from alignloop.world.grammar import split
 
-    if min(args.images, args.steps, args.repeats) < 1 or args.budget <= 0:
-        raise UserFacingError(f"--images, --steps and --repeats must be >= 1 and --budget > 0, got {args.images}, "
-                              f"{args.steps}, {args.repeats} and {args.budget}")
+    seen = len(split("seen"))  # distinct prompts to draw from
+    for flag, value, low, high in (("--images", args.images, 1, seen), ("--steps", args.steps, 1, 1000),
+                                   ("--repeats", args.repeats, 1, 1000)):
+        if not low <= value <= high:
+            raise UserFacingError(f"{flag} must be in {low}..{high}, got {value}")
+    if args.budget <= 0:
+        raise UserFacingError(f"--budget must be > 0, got {args.budget}")
     try:
         pipe = load_generator(args.generator, device=args.device)
     except ModelNotFoundError as err:
         raise UserFacingError(str(err)) from err
     timing = time_generation(pipe, args.images, args.steps, args.guidance, args.repeats)
     result = {"benchmark": "generator", "generator": args.generator, "machine": describe_machine(),
-              "settings": {k: timing[k] for k in ("images", "steps", "guidance", "repeats")}, "budget_s": args.budget,
-              "seconds_median": timing["seconds_median"], "seconds": timing["seconds"],
-              "ratio": round(args.budget / timing["seconds_median"], 3),
+              "settings": {**{k: timing[k] for k in ("images", "steps", "guidance", "repeats")},
+                           "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")},
+              "budget_s": args.budget, "seconds_median": timing["seconds_median"], "seconds": timing["seconds"],
+              "ratio": round(args.budget / max(timing["seconds_median"], 1e-3), 3),
               "ratio_means": f"budget {args.budget} s / median seconds (>= 1: within budget)"}
     if not args.json:
         print(f"{args.images} images, {args.steps} steps, guidance {args.guidance}: "

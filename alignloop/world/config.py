@@ -20,7 +20,7 @@ class GeneratorTrainConfig:
     warmup_steps: int = 100
     batch_size: int = 64
     uncond_prob: float = 0.1  # share of empty prompts, for classifier-free guidance
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # of the UNet and the text encoder, which are exported averaged
     checkpoint_every: int = 250  # steps between resumable checkpoints
 
 

@@ -20,12 +20,12 @@ def image_seed(base_seed: int, prompt_index: int, j: int) -> int:
     return (base_seed * 1_000_003 + prompt_index * 1_000 + j) % (2**31)
 
 
-def generate_images(pipe, texts, seeds, steps: int, guidance: float) -> np.ndarray:
-    """uint8 [B,H,W,3] at the pipeline's own resolution. One torch.Generator per image, so every image is
-    reproducible from its seed alone, whatever it was batched with."""
+def generate_images(pipe, texts, seeds, steps: int, guidance: float, size: int = None) -> np.ndarray:
+    """uint8 [B,H,W,3], H = W = size or the pipeline's own resolution. One torch.Generator per image, so every
+    image is reproducible from its seed alone, whatever it was batched with."""
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
     out = pipe(list(texts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-               output_type="np").images
+               height=size, width=size, output_type="np").images
     return (out * 255).round().astype(np.uint8)
 
 

@@ -1,15 +1,13 @@
 """Renders world scenes: flat-colored shapes on a flat background, 32x32 RGB."""
 
 import dataclasses
-import hashlib
-import json
 import random
 from typing import Optional
 
 import numpy as np
 
-from alignloop.world.grammar import (BACKGROUNDS, COLORS, COUNT_WORDS, HELD_OUT_COLOR_SHAPE, HELD_OUT_COUNT_SHAPE,
-                                     HELD_OUT_SHAPE_BACKGROUND, SHAPES, Prompt)
+from alignloop.world.grammar import (BACKGROUNDS, COLORS, HELD_OUT_COLOR_SHAPE, HELD_OUT_SHAPE_BACKGROUND,
+                                     Prompt)
 
 IMAGE_SIZE = 32
 OBJECT_RGB = {
@@ -92,11 +90,3 @@ def render_batch(prompts, rng: random.Random, avoid_unseen: bool = True):
     scenes = [sample_scene(p, rng, avoid_unseen) for p in prompts]
     return np.stack([render_scene(s) for s in scenes]), scenes
 
-
-def world_signature() -> str:
-    """A short hash of what the world says and draws and what it holds out: saved with training checkpoints
-    and exported models, so that a checkpoint of another world is never resumed."""
-    held_out = sorted(map(str, HELD_OUT_COLOR_SHAPE | HELD_OUT_SHAPE_BACKGROUND | HELD_OUT_COUNT_SHAPE))
-    world = [COUNT_WORDS, COLORS, SHAPES, BACKGROUNDS, held_out, IMAGE_SIZE, MIN_SIZE, MAX_SIZE, GAP, OBJECT_RGB,
-             BACKGROUND_RGB]
-    return hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()[:12]

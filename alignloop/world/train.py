@@ -11,6 +11,7 @@ Only prompts and combinations of the 'seen' split are trained on.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -22,11 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alignloop import models
+from alignloop.errors import UserFacingError
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world.evaluate import generate_images
 from alignloop.world.grammar import COUNT_WORDS, SHAPES, Prompt, sample_prompts
 from alignloop.world.oracle import judge
-from alignloop.world.render import render_batch, world_signature
+from alignloop.world import world_signature
+from alignloop.world.render import IMAGE_SIZE, render_batch
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,18 +53,23 @@ def _lr_lambda(warmup: int, total: int):
     return fn
 
 
-def _load_checkpoint(path: Path, config):
+class TrainingMismatch(UserFacingError, ValueError):
+    """Saved training state that must not be mixed into this run."""
+
+
+def _load_checkpoint(path: Path, config, world: str):
     """The checkpoint at path, or None; refuses one written with another config or for another world
     (resuming it would mix runs)."""
     if not path.exists():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt["config"] != dataclasses.asdict(config):
-        raise ValueError(f"{path} was written with another config; use a fresh --work-dir or the same "
-                         f"settings. saved={ckpt['config']}")
-    if ckpt.get("world") != world_signature():
-        raise ValueError(f"{path} was written for another shapes world (its grammar, renderer or held-out split "
-                         f"changed since); use a fresh --work-dir")
+        raise TrainingMismatch(f"{path} was written with another config; use a fresh --work-dir or the same "
+                               f"settings. saved={ckpt['config']}")
+    if ckpt.get("world") != world:
+        raise TrainingMismatch(f"{path} was written for another shapes world (saved {ckpt.get('world')}, now "
+                               f"{world}: its grammar, renderer, oracle or held-out split changed); use a fresh "
+                               f"--work-dir")
     return ckpt
 
 
@@ -94,6 +102,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     from diffusers import StableDiffusionPipeline
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    world = world_signature()
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     vae, unet, text_encoder, scheduler = models.build_tiny_generator_components(config)
@@ -101,7 +110,8 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     tokenizer = models.build_clip_tokenizer(work_dir / "tokenizer")
     # The UNet and the text encoder are trained together, so they are averaged and exported together.
     averaged = {"unet": unet, "text_encoder": text_encoder}
-    ema = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in averaged.items()}
+    ema = {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+           for name, module in averaged.items()}
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     # Decaying the rate matters for the autoencoder: sharp corners come in the low-rate tail.
     vae_sched = torch.optim.lr_scheduler.LambdaLR(vae_opt, _lr_lambda(config.warmup_steps, config.vae_steps))
@@ -111,7 +121,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "vae_reconstruction_pass": None, "log": []}
 
     ckpt_path = work_dir / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, config)
+    ckpt = _load_checkpoint(ckpt_path, config, world)
     if ckpt is not None:
         vae.load_state_dict(ckpt["vae"]), unet.load_state_dict(ckpt["unet"])
         text_encoder.load_state_dict(ckpt["text_encoder"]), vae_opt.load_state_dict(ckpt["vae_opt"])
@@ -123,9 +133,9 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
         print(f"resumed from {ckpt_path}: vae step {state['vae_step']}, unet step {state['unet_step']}")
 
     def checkpoint():
-        _save_atomic({"config": dataclasses.asdict(config), "world": world_signature(), "vae": vae.state_dict(), "unet": unet.state_dict(),
-                      "text_encoder": text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
-                      "vae_sched": vae_sched.state_dict(),
+        _save_atomic({"config": dataclasses.asdict(config), "world": world, "vae": vae.state_dict(),
+                      "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                      "vae_opt": vae_opt.state_dict(), "vae_sched": vae_sched.state_dict(),
                       "unet_opt": unet_opt.state_dict(), "unet_sched": unet_sched.state_dict(), "ema": ema,
                       "state": state, "rng": _rng_state(rng)}, ckpt_path)
 
@@ -186,8 +196,10 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
         with torch.no_grad():  # samples from averaged weights are markedly cleaner
             for name, module in averaged.items():
                 for k, v in module.state_dict().items():
-                    average = ema[name][k]
-                    average.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay) if v.dtype.is_floating_point else average.copy_(v)
+                    if v.dtype.is_floating_point:
+                        ema[name][k].mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
+                    else:  # integer buffers (position ids) are copied
+                        ema[name][k].copy_(v)
         state["unet_step"] = step + 1
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{unet_sched.get_last_lr()[0]:.1e}")
         if state["unet_step"] % config.checkpoint_every == 0:
@@ -204,7 +216,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out_dir))
     (out_dir / "training.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "world": world_signature(),
+        {"config": dataclasses.asdict(config), "world": world,
          "vae_reconstruction_pass": state["vae_reconstruction_pass"],
          "log": state["log"]}, indent=1))
     return out_dir
@@ -235,7 +247,7 @@ def generated_pool(generator_dir: Path, size: int, rng: random.Random, steps: in
     for i in tqdm(range(0, size, 32), desc="generator samples", disable=not progress):
         chunk = prompts[i:i + 32]
         seeds = [rng.randrange(2**31) for _ in chunk]
-        for image in generate_images(pipe, [p.text for p in chunk], seeds, steps, guidance):
+        for image in generate_images(pipe, [p.text for p in chunk], seeds, steps, guidance, size=IMAGE_SIZE):
             found = _describe(image)
             if found:
                 images.append(image)
@@ -255,6 +267,27 @@ def _describe(image: np.ndarray):
     return consistent_captions(probe.found_count, shapes.pop(), probe.found_color, probe.found_background)
 
 
+def _load_or_draw_pool(generator_dir: Path, work_dir: Path, config: ClipTrainConfig, world: str, progress: bool):
+    """The generator samples the CLIP trains on, drawn once and kept in work_dir under a hash of the generator's
+    training record, the pool size and the world; refuses a generator trained for another world."""
+    record_path = generator_dir / "training.json"
+    record = record_path.read_bytes() if record_path.exists() else str(generator_dir.resolve()).encode()
+    trained_for = json.loads(record).get("world") if record_path.exists() else None
+    if trained_for not in (None, world):
+        raise TrainingMismatch(f"generator {generator_dir} was trained for another shapes world ({trained_for}, now "
+                               f"{world}); retrain it first (alignloop world train-generator)")
+    key = hashlib.sha256(record + json.dumps([config.generated_pool, config.seed, world]).encode()).hexdigest()[:12]
+    pool_path = work_dir / f"generated_pool-{key}.npz"
+    if not pool_path.exists():
+        # Its own rng: the training stream is the same whether the pool was drawn now or on an earlier run.
+        images, captions = generated_pool(generator_dir, config.generated_pool, random.Random(config.seed + 1),
+                                          progress=progress)
+        np.savez(pool_path.with_suffix(".tmp.npz"), images=images, captions=np.array(json.dumps(captions)))
+        os.replace(pool_path.with_suffix(".tmp.npz"), pool_path)
+    data = np.load(pool_path)
+    return data["images"], json.loads(str(data["captions"]))
+
+
 def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator_dir: Path = None,
                progress: bool = True) -> Path:
     """Trains and exports the tiny open_clip model to out_dir; resumes from work_dir."""
@@ -270,27 +303,22 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
     state = {"step": 0, "log": []}
-
-    pool_path = work_dir / f"generated_pool-{world_signature()}.npz"
-    pool = None
-    if generator_dir is not None:
-        if not pool_path.exists():
-            images, captions = generated_pool(generator_dir, config.generated_pool, rng, progress=progress)
-            np.savez(pool_path, images=images, captions=np.array(json.dumps(captions)))
-        data = np.load(pool_path)
-        pool = (data["images"], json.loads(str(data["captions"])))
+    world = world_signature()
 
     ckpt_path = work_dir / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, config)
+    ckpt = _load_checkpoint(ckpt_path, config, world)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
         state = ckpt["state"]
         _set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path}: step {state['step']}")
 
+    pool = None if generator_dir is None else _load_or_draw_pool(Path(generator_dir), work_dir, config, world, progress)
+
     def checkpoint():
-        _save_atomic({"config": dataclasses.asdict(config), "world": world_signature(), "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "state": state, "rng": _rng_state(rng)}, ckpt_path)
+        _save_atomic({"config": dataclasses.asdict(config), "world": world, "model": model.state_dict(),
+                      "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state, "rng": _rng_state(rng)},
+                     ckpt_path)
 
     n_generated = int(config.batch_size * config.generated_share) if pool is not None else 0
     model.train()
@@ -325,6 +353,6 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
             checkpoint()
     checkpoint()
     models.save_tiny_clip(model.eval(), out_dir)
-    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "world": world_signature(), "log": state["log"]},
-                                                      indent=1))
+    (out_dir / "training.json").write_text(json.dumps({"config": dataclasses.asdict(config), "world": world,
+                                                       "log": state["log"]}, indent=1))
     return out_dir
