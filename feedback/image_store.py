@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 
 from alignloop.feedback.config import default_image_store_url
-from alignloop.feedback.durable import write_durably
+from alignloop.durable import write_durably
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # as alignloop.events.Id: no path separators

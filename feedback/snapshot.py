@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from alignloop.events import FEEDBACK_SCHEMA, GENERATION_SCHEMA, FeedbackEvent, GenerationEvent, parse_event
 from alignloop.feedback.config import Topics
-from alignloop.feedback.durable import fsync_dir, fsync_file, write_durably
+from alignloop.durable import fsync_dir, fsync_file, write_durably
 from alignloop.feedback.image_store import ImageStore
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop.feedback.durable import fsync_dir, write_durably
+from alignloop.durable import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 

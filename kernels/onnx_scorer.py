@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignloop.durable import write_durably
 from alignloop.kernels.reference import NORM_EPS, RewardHead
 
 PIXELS, TEXT, REWARDS = "pixels", "text_embedding", "rewards"  # graph input / output names
@@ -126,14 +126,7 @@ def cached_scorer_onnx(cache_dir: Path, clip_model: nn.Module, mean, std, image_
     except FileNotFoundError:  # not cached yet, or evicted by another worker a moment ago
         pass
     data = export_scorer_onnx(clip_model, mean, std, image_size, embed_dim, head)
-    # Whole file or none: workers may export the same graph side by side.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_durably(path, data)  # whole file or none: workers may export the same graph side by side
     _evict(cache_dir, keep, spare=path)
     return data
 

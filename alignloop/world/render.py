@@ -89,4 +89,3 @@ def render_batch(prompts, rng: random.Random, avoid_unseen: bool = True):
     """(images uint8 [B, 32, 32, 3], scenes) for a list of prompts."""
     scenes = [sample_scene(p, rng, avoid_unseen) for p in prompts]
     return np.stack([render_scene(s) for s in scenes]), scenes
-

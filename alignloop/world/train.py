@@ -12,8 +12,8 @@ Only prompts and combinations of the 'seen' split are trained on.
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alignloop import models
+from alignloop.durable import write_durably
 from alignloop.errors import UserFacingError
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world.evaluate import generate_images
@@ -40,9 +41,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_durably(path, buffer.getvalue())
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -271,8 +272,11 @@ def _load_or_draw_pool(generator_dir: Path, work_dir: Path, config: ClipTrainCon
     """The generator samples the CLIP trains on, drawn once and kept in work_dir under a hash of the generator's
     training record, the pool size and the world; refuses a generator trained for another world."""
     record_path = generator_dir / "training.json"
-    record = record_path.read_bytes() if record_path.exists() else str(generator_dir.resolve()).encode()
-    trained_for = json.loads(record).get("world") if record_path.exists() else None
+    if record_path.exists():
+        record = record_path.read_bytes()
+        trained_for = json.loads(record).get("world")
+    else:  # a generator from elsewhere: no record of its world
+        record, trained_for = str(generator_dir.resolve()).encode(), None
     if trained_for not in (None, world):
         raise TrainingMismatch(f"generator {generator_dir} was trained for another shapes world ({trained_for}, now "
                                f"{world}); retrain it first (alignloop world train-generator)")
@@ -282,8 +286,9 @@ def _load_or_draw_pool(generator_dir: Path, work_dir: Path, config: ClipTrainCon
         # Its own rng: the training stream is the same whether the pool was drawn now or on an earlier run.
         images, captions = generated_pool(generator_dir, config.generated_pool, random.Random(config.seed + 1),
                                           progress=progress)
-        np.savez(pool_path.with_suffix(".tmp.npz"), images=images, captions=np.array(json.dumps(captions)))
-        os.replace(pool_path.with_suffix(".tmp.npz"), pool_path)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images, captions=np.array(json.dumps(captions)))
+        write_durably(pool_path, buffer.getvalue())
     data = np.load(pool_path)
     return data["images"], json.loads(str(data["captions"]))
 
