@@ -188,3 +188,13 @@ def test_benchmark_records_the_machine_its_cpu_choice_quotes():
     info = machine_info()
     assert {"cpu", "cpu_count", "torch_threads", "load_average_1m", "torch", "triton", "onnxruntime"} <= set(info)
     assert info["cpu_count"] >= 1 and info["torch_threads"] >= 1 and info["cuda"] == torch.cuda.is_available()
+
+
+def test_describing_the_machine_does_not_import_torch_for_a_benchmark_that_has_none():
+    import subprocess
+    import sys
+    code = ("import json, sys; from alignloop.machine import describe_machine; info = describe_machine(); "
+            "print(json.dumps([info['cpu_count'], 'torch' in sys.modules, 'torch' in info]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    cpu_count, torch_imported, torch_reported = json.loads(out)
+    assert cpu_count >= 1 and not torch_imported and not torch_reported
