@@ -7,13 +7,15 @@ import pytest
 
 from alignloop.world import (BACKGROUNDS, CATEGORIES, COLORS, SHAPES, Prompt, SimulatedRater, all_prompts, judge,
                              parse_prompt, perturb, render, sample_prompts, sample_scene, split)
-from alignloop.world.grammar import HELD_OUT_COLOR_SHAPE, HELD_OUT_COUNT_SHAPE, HELD_OUT_SHAPE_BACKGROUND
+from alignloop.world.grammar import (COUNT_WORDS, HELD_OUT_COLOR_SHAPE, HELD_OUT_COUNT_SHAPE,
+                                     HELD_OUT_SHAPE_BACKGROUND)
+from alignloop.world.render import BACKGROUND_RGB, GAP, OBJECT_RGB, size_range
 
 
 def test_grammar_covers_lee_et_al_categories_and_sizes():
     prompts = all_prompts()
     assert {p.category for p in prompts} == set(CATEGORIES)
-    assert {p.count for p in prompts} == {1, 2, 3, 4}
+    assert {p.count for p in prompts} == {1, 2, 3, 4, 5, 6}
     assert len(COLORS) >= 6 and len(SHAPES) >= 3 and len(BACKGROUNDS) >= 4
     assert len({p.text for p in prompts}) == len(prompts)  # texts are unambiguous
 
@@ -24,7 +26,8 @@ def test_every_prompt_text_parses_back():
         assert parse_prompt("  " + p.text.upper() + ". ") == p
     assert Prompt("color", 1, "circle", color="orange").text == "an orange circle"  # English articles
     assert parse_prompt("a photo of a dog") is None
-    assert parse_prompt("five red circles") is None  # counts stop at four
+    assert parse_prompt("six red circles on a gray background").count == 6
+    assert parse_prompt("seven red circles") is None  # counts stop at six
 
 
 def test_invalid_prompts_are_rejected_with_the_field():
@@ -56,6 +59,19 @@ def test_training_renders_of_seen_prompts_never_show_a_held_out_pair():
         assert (scene.color, scene.shape) not in HELD_OUT_COLOR_SHAPE
         assert (scene.shape, scene.background) not in HELD_OUT_SHAPE_BACKGROUND
         assert len(scene.boxes) == p.count
+
+
+def test_scenes_keep_objects_in_the_image_apart_and_sized_for_their_count():
+    rng = random.Random(6)
+    for count in COUNT_WORDS:
+        smallest, largest = size_range(count)
+        for _ in range(50):
+            boxes = sample_scene(Prompt("count", count, "square"), rng).boxes
+            assert len(boxes) == count
+            for i, (x, y, size) in enumerate(boxes):
+                assert smallest <= size <= largest and 0 <= x <= 32 - size and 0 <= y <= 32 - size
+                for bx, by, bs in boxes[i + 1:]:  # at least GAP free pixels between any two, on some axis
+                    assert x + size + GAP <= bx or bx + bs + GAP <= x or y + size + GAP <= by or by + bs + GAP <= y
 
 
 def test_sample_prompts_balances_categories():
@@ -100,6 +116,26 @@ def test_oracle_reports_the_failing_aspect():
     assert verdict.color is None and verdict.background is None and verdict.shape is False
     with pytest.raises(ValueError, match="not a prompt of the shapes world"):
         judge(image, "a cat")
+
+
+def _canvas(background="black"):
+    image = np.empty((32, 32, 3), np.uint8)
+    image[:] = BACKGROUND_RGB[background]
+    return image
+
+
+def test_oracle_charges_objects_drawn_touching_to_the_count_not_the_shape():
+    image = _canvas()
+    image[2:11, 2:11] = image[2:11, 11:20] = OBJECT_RGB["red"]  # two 9 px squares drawn touching: one 9x18 clump
+    image[20:29, 20:29] = OBJECT_RGB["red"]  # and a separate square
+    verdict = judge(image, "three red squares on a black background")
+    assert verdict.found_count == 2 and verdict.aspects() == {"count": False, "color": True, "shape": True,
+                                                                "background": True}
+    assert judge(image, "three red circles on a black background").shape is False  # the separate one is judged
+    image = _canvas()
+    image[2:11, 2:20] = OBJECT_RGB["red"]  # a clump alone leaves no object to judge the shape on
+    assert judge(image, "two red squares on a black background").aspects() == {
+        "count": False, "color": True, "shape": False, "background": True}
 
 
 def test_perturber_never_returns_the_original_and_always_contradicts_it():

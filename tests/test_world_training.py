@@ -11,12 +11,24 @@ import torch
 from alignloop import models
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world import world_signature
+from alignloop.world import train
+from alignloop.world.render import render_batch
 from alignloop.world.train import TrainingMismatch, train_clip, train_generator
 
 
-def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path, capsys):
+def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path, capsys, monkeypatch):
     config = GeneratorTrainConfig(vae_steps=2, unet_steps=2, checkpoint_every=1, batch_size=8, vae_batch_size=8)
+    rendered = []
+
+    def recording_render_batch(prompts, rng, avoid_unseen=True):
+        rendered.append((list(prompts), avoid_unseen))
+        return render_batch(prompts, rng, avoid_unseen)
+
+    monkeypatch.setattr(train, "render_batch", recording_render_batch)
     train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
+    # Base models are pretrained on every prompt; the held-out pairs are unseen by the feedback loop only.
+    assert any(p.unseen for prompts, _ in rendered for p in prompts)
+    assert not any(avoid_unseen for _, avoid_unseen in rendered)
     train_generator(tmp_path / "out", tmp_path / "work", config, progress=False)
     assert "resumed from" in capsys.readouterr().out
     with pytest.raises(ValueError, match="another config"):
@@ -26,10 +38,17 @@ def test_generator_training_resumes_refuses_another_config_and_exports(tmp_path,
     training = json.loads((tmp_path / "out" / "training.json").read_text())
     assert 0.0 <= training["vae_reconstruction_pass"] <= 1.0 and training["world"] == world_signature()
     # Exported: the averaged UNet and text encoder, which were trained together.
-    ema = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)["ema"]
+    ckpt = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
+    ema = ckpt["ema"]
     for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         for key, value in module.state_dict().items():
             torch.testing.assert_close(value, ema[name][key], rtol=0, atol=0)
+    # The average's decay ramps up: after two steps it sits near the trained weights, not the initialization.
+    torch.manual_seed(config.seed)
+    initial = models.build_tiny_generator_components(config)[1].state_dict()
+    trained = ckpt["unet"]
+    distance = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in a if a[k].dtype.is_floating_point)  # noqa: E731
+    assert distance(ema["unet"], trained) < 0.3 * distance(ema["unet"], initial)
 
 
 def test_clip_trains_on_its_generator_samples_and_refuses_another_world(tmp_path, monkeypatch):

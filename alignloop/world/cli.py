@@ -17,7 +17,7 @@ def add_commands(sub) -> None:
 
     p = ws.add_parser("train-generator", help="train the tiny Stable Diffusion pipeline (resumable)",
                       description="Train the tiny SD-architecture pipeline (AutoencoderKL, then UNet + CLIP text "
-                                  "encoder) on world renders of seen prompts. Resumes from --work-dir.")
+                                  "encoder) on renders of every world prompt. Resumes from --work-dir.")
     p.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: the bundled one)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/generator)")

@@ -11,15 +11,18 @@ import random
 import re
 from typing import Optional
 
-COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+# Counts up to six, as in Lee et al.'s prompts ("Five dogs."): five and six are where counting gets hard.
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple")
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("black", "white", "gray", "brown")
 CATEGORIES = ("count", "color", "background", "combination")
 
-# Combinations held out of every training set (generator, CLIP, reward model, fine-tuning), to measure
-# generalization to unseen prompts as Lee et al. did with unseen objects. Every single word stays seen;
-# only these pairings are new. A prompt is unseen if any pair it names is held out.
+# Combinations held out of the feedback loop's training data (votes used to train the reward model, prompts
+# fine-tuned on), to measure generalization to unseen prompts as Lee et al. did with unseen objects. As in
+# their footnote 1, "unseen" is with respect to the feedback only: the bundled base generator and CLIP are
+# pretrained on every combination, as SD 1.5 and CLIP had seen tigers. Every single word stays seen; only
+# these pairings are new to the loop. A prompt is unseen if any pair it names is held out.
 HELD_OUT_COLOR_SHAPE = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square")})
 HELD_OUT_SHAPE_BACKGROUND = frozenset({("square", "white")})
 HELD_OUT_COUNT_SHAPE = frozenset({(3, "circle")})
@@ -102,12 +105,13 @@ def split(name: str) -> tuple:
 
 
 _WORD_COUNTS = {w: n for n, w in COUNT_WORDS.items()}
-_NOUN = r"(?P<shape>circle|square|triangle)s?"
+_NOUN = rf"(?P<shape>{'|'.join(SHAPES)})s?"
+_COUNT = rf"(?P<count>{'|'.join(COUNT_WORDS.values())})"
 _PATTERNS = {
-    "combination": re.compile(rf"^(?P<count>one|two|three|four) (?P<color>\w+) {_NOUN} on an? (?P<background>\w+) background$"),
+    "combination": re.compile(rf"^{_COUNT} (?P<color>\w+) {_NOUN} on an? (?P<background>\w+) background$"),
     "background": re.compile(rf"^an? {_NOUN} on an? (?P<background>\w+) background$"),
     "color": re.compile(rf"^an? (?P<color>\w+) {_NOUN}$"),
-    "count": re.compile(rf"^(?P<count>one|two|three|four) {_NOUN}$"),
+    "count": re.compile(rf"^{_COUNT} {_NOUN}$"),
 }
 
 

@@ -3,7 +3,10 @@
 Each pixel is snapped to the nearest palette color; the background is the most common background color;
 objects are the connected components of the named object color (or, when the prompt leaves the color
 open, of the most common object color). Components smaller than MIN_AREA are noise. Shapes are told
-apart by how much of their bounding box they fill (square ~1, circle ~0.8, triangle ~0.5).
+apart by how much of their bounding box they fill (square ~1, circle ~0.8, triangle ~0.5). A component as
+long as two of the smallest objects side by side is a clump of objects drawn touching: it counts as one
+object, so the count fails, but the shape verdict is taken on the separate objects, so that one layout
+mistake is charged to the count alone, as a person would charge it.
 """
 
 import dataclasses
@@ -13,9 +16,10 @@ import numpy as np
 from scipy import ndimage
 
 from alignloop.world.grammar import parse_prompt
-from alignloop.world.render import BACKGROUND_RGB, OBJECT_RGB
+from alignloop.world.render import BACKGROUND_RGB, MIN_SIZE, OBJECT_RGB
 
 MIN_AREA = 8
+CLUMP_SIDE = 2 * MIN_SIZE
 COLOR_PURITY = 0.6  # share of object pixels that must be the named color
 _PALETTE_NAMES = list(OBJECT_RGB) + list(BACKGROUND_RGB)
 _PALETTE = np.array(list(OBJECT_RGB.values()) + list(BACKGROUND_RGB.values()), np.float32)
@@ -41,6 +45,11 @@ class Verdict:
     def aspects(self) -> dict:
         return {k: v for k, v in (("count", self.count), ("color", self.color), ("shape", self.shape),
                                   ("background", self.background)) if v is not None}
+
+
+def is_clump(component: np.ndarray) -> bool:
+    ys, xs = np.nonzero(component)
+    return max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 >= CLUMP_SIDE
 
 
 def classify_shape(component: np.ndarray) -> str:
@@ -93,7 +102,7 @@ def judge(image, prompt) -> Verdict:
     color_ok = None
     if prompt.color is not None:
         color_ok = bool(components) and target_pixels >= COLOR_PURITY * max(int(object_counts.sum()), 1)
-    shapes = [classify_shape(c) for c in components]
+    shapes = [classify_shape(c) for c in components if not is_clump(c)]
     return Verdict(
         count=len(components) == prompt.count,
         shape=bool(shapes) and all(s == prompt.shape for s in shapes),

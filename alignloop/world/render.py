@@ -19,9 +19,15 @@ BACKGROUND_RGB = {"black": (15, 15, 15), "white": (240, 240, 240), "gray": (125,
 assert set(OBJECT_RGB) == set(COLORS) and set(BACKGROUND_RGB) == set(BACKGROUNDS)
 
 # Object side in pixels: large enough that a generator's rounded corners leave a square's fill above the
-# oracle's 0.88 (at 7 px, losing 3 pixels per corner made squares read as circles).
+# oracle's 0.88 (at 7 px, losing 3 pixels per corner made squares read as circles). Crowded scenes use
+# smaller objects: six of 9 px fill two rows of three, which leaves only a pixel or two of play.
 MIN_SIZE, MAX_SIZE = 9, 13
 GAP = 2  # free pixels between objects, so that they stay separate components
+
+
+def size_range(count: int) -> tuple:
+    """(smallest, largest) object side for a scene of `count` objects."""
+    return MIN_SIZE, {1: MAX_SIZE, 2: MAX_SIZE, 3: 11, 4: 11}.get(count, MIN_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,25 +55,26 @@ def _draw_mask(shape: str, size: int) -> np.ndarray:
 
 def sample_scene(prompt: Prompt, rng: random.Random, avoid_unseen: bool = True) -> Scene:
     """Decide what the prompt leaves open. With avoid_unseen, open attributes never form a held-out pair,
-    so training renders of seen prompts never show an unseen combination."""
+    so that renders of seen prompts (data for the feedback loop) never show an unseen combination."""
     colors = [prompt.color] if prompt.color else [
         c for c in COLORS if not (avoid_unseen and (c, prompt.shape) in HELD_OUT_COLOR_SHAPE)]
     backgrounds = [prompt.background] if prompt.background else [
         b for b in BACKGROUNDS if not (avoid_unseen and (prompt.shape, b) in HELD_OUT_SHAPE_BACKGROUND)]
     color, background = rng.choice(colors), rng.choice(backgrounds)
+    smallest, largest = size_range(prompt.count)
     for _ in range(1000):
         boxes = []
         for _ in range(prompt.count):
-            size = rng.randint(MIN_SIZE, MAX_SIZE - (prompt.count > 2) * 2)
+            size = rng.randint(smallest, largest)
             for _ in range(100):
-                x, y = rng.randint(1, IMAGE_SIZE - size - 1), rng.randint(1, IMAGE_SIZE - size - 1)
+                x, y = rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size)
                 if all(x + size + GAP <= bx or bx + bs + GAP <= x or y + size + GAP <= by or by + bs + GAP <= y
                        for bx, by, bs in boxes):
                     boxes.append((x, y, size))
                     break
         if len(boxes) == prompt.count:
             return Scene(prompt.shape, color, background, tuple(boxes))
-    raise RuntimeError(f"could not place {prompt.count} objects")  # unreachable for counts <= 4
+    raise RuntimeError(f"could not place {prompt.count} objects")  # 6 of 9 px take ~25 tries
 
 
 def render_scene(scene: Scene) -> np.ndarray:
