@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from alignloop.cli import build_parser
+from alignloop.world.grammar import split
 
 
 def _commands(parser, prefix=()):
@@ -45,7 +46,7 @@ def test_world_commands_reject_bad_counts_with_a_message():
     for args, message in ((["world", "eval", "--per-prompt", "0"], "--per-prompt must be >= 1, got 0"),
                           (["world", "eval-clip", "--renders", "0"], "--renders must be >= 1, got 0"),
                           (["bench", "generator", "--repeats", "0"], "--repeats must be in 1..1000, got 0"),
-                          (["bench", "generator", "--images", "999"], "--images must be in 1..280, got 999")):
+                          (["bench", "generator", "--images", "999"], f"--images must be in 1..{len(split('seen'))}, got 999")):
         result = subprocess.run([sys.executable, "-m", "alignloop", *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
