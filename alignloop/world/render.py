@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from alignloop.world.grammar import (BACKGROUNDS, COLORS, HELD_OUT_COLOR_SHAPE, HELD_OUT_SHAPE_BACKGROUND,
+from alignloop.world.grammar import (BACKGROUNDS, COLORS, COUNT_WORDS, HELD_OUT_COLOR_SHAPE, HELD_OUT_SHAPE_BACKGROUND,
                                      Prompt)
 
 IMAGE_SIZE = 32
@@ -22,12 +22,14 @@ assert set(OBJECT_RGB) == set(COLORS) and set(BACKGROUND_RGB) == set(BACKGROUNDS
 # oracle's 0.88 (at 7 px, losing 3 pixels per corner made squares read as circles). Crowded scenes use
 # smaller objects: six of 9 px fill two rows of three, which leaves only a pixel or two of play.
 MIN_SIZE, MAX_SIZE = 9, 13
+LARGEST_SIZE_BY_COUNT = {1: MAX_SIZE, 2: MAX_SIZE, 3: 11, 4: 11, 5: MIN_SIZE, 6: MIN_SIZE}
+assert set(LARGEST_SIZE_BY_COUNT) == set(COUNT_WORDS)
 GAP = 2  # free pixels between objects, so that they stay separate components
 
 
 def size_range(count: int) -> tuple:
     """(smallest, largest) object side for a scene of `count` objects."""
-    return MIN_SIZE, {1: MAX_SIZE, 2: MAX_SIZE, 3: 11, 4: 11}.get(count, MIN_SIZE)
+    return MIN_SIZE, LARGEST_SIZE_BY_COUNT[count]
 
 
 @dataclasses.dataclass(frozen=True)

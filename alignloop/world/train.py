@@ -84,11 +84,17 @@ def _set_rng_state(rng: random.Random, state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def pretraining_renders(rng: random.Random, n: int):
+    """(prompts, images, scenes) of n renders for the base models, which see every prompt and combination."""
+    prompts = sample_prompts(rng, n, "all")
+    images, scenes = render_batch(prompts, rng, avoid_unseen=False)
+    return prompts, images, scenes
+
+
 def vae_reconstruction_pass_rate(vae, rng: random.Random, images: int = 256) -> float:
     """Oracle pass rate of the autoencoder's reconstructions of renders: the ceiling of any generator
     built on it."""
-    prompts = sample_prompts(rng, images, "all")
-    renders, _ = render_batch(prompts, rng, avoid_unseen=False)
+    prompts, renders, _ = pretraining_renders(rng, images)
     device = next(vae.parameters()).device
     with torch.no_grad():
         recon = vae.decode(vae.encode(to_tensor(renders).to(device)).latent_dist.mode()).sample
@@ -142,8 +148,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
                       "state": state, "rng": _rng_state(rng)}, ckpt_path)
 
     def batch():
-        images, _ = render_batch(sample_prompts(rng, config.vae_batch_size, "all"), rng, avoid_unseen=False)
-        return images
+        return pretraining_renders(rng, config.vae_batch_size)[1]
 
     #### PHASE 1: AUTOENCODER ####
     vae.train()
@@ -178,8 +183,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
     bar = tqdm(range(state["unet_step"], config.unet_steps), desc="unet", disable=not progress,
                initial=state["unet_step"], total=config.unet_steps)
     for step in bar:
-        prompts = sample_prompts(rng, config.batch_size, "all")
-        images, _ = render_batch(prompts, rng, avoid_unseen=False)
+        prompts, images, _ = pretraining_renders(rng, config.batch_size)
         texts = ["" if rng.random() < config.uncond_prob else p.text for p in prompts]
         with torch.no_grad():
             latents = vae.encode(to_tensor(images).to(device)).latent_dist.sample() * state["scaling_factor"]  # [B,4,16,16]
@@ -334,8 +338,7 @@ def train_clip(out_dir: Path, work_dir: Path, config: ClipTrainConfig, generator
     bar = tqdm(range(state["step"], config.steps), desc="clip", disable=not progress, initial=state["step"],
                total=config.steps)
     for step in bar:
-        prompts = sample_prompts(rng, config.batch_size - n_generated, "all")
-        images, scenes = render_batch(prompts, rng, avoid_unseen=False)
+        _, images, scenes = pretraining_renders(rng, config.batch_size - n_generated)
         captions = [rng.choice(consistent_captions(len(s.boxes), s.shape, s.color, s.background)) for s in scenes]
         if n_generated:
             picks = [rng.randrange(len(pool[1])) for _ in range(n_generated)]
