@@ -24,12 +24,17 @@ __all__ = [
 
 def world_signature() -> str:
     """A short hash of how the world behaves: every prompt's text and split, a fixed render of each, and the
-    oracle's reading of those renders against their own prompt and another. Saved with training checkpoints
-    and exported models, so that a checkpoint of another world is never resumed, nor its models mixed."""
+    oracle's reading of those renders, crisp and blurred as generated images are, against their own prompt and
+    another. Saved with training checkpoints and exported models, so that a checkpoint of another world is never
+    resumed, nor its models mixed (the CLIP trains on generator samples captioned by the oracle)."""
+    from alignloop.world.robustness import blur
+
     prompts = list(all_prompts())
     images, _ = render_batch(prompts, random.Random(0), avoid_unseen=False)
-    readings = [dataclasses.astuple(judge(image, prompt)) for image, prompt in zip(images, prompts)]
-    readings += [dataclasses.astuple(judge(image, prompt)) for image, prompt in zip(images, prompts[1:] + prompts[:1])]
+    readings = []
+    for shown in (images, [blur(image, 0.7) for image in images]):
+        readings += [dataclasses.astuple(judge(image, prompt)) for image, prompt in zip(shown, prompts)]
+        readings += [dataclasses.astuple(judge(image, prompt)) for image, prompt in zip(shown, prompts[1:] + prompts[:1])]
     digest = hashlib.sha256(json.dumps([[p.text, p.unseen] for p in prompts] + readings).encode())
     digest.update(images.tobytes())
     return digest.hexdigest()[:12]

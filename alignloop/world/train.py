@@ -28,7 +28,7 @@ from alignloop.durable import write_durably
 from alignloop.errors import UserFacingError
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world.evaluate import generate_images
-from alignloop.world.grammar import COUNT_WORDS, SHAPES, Prompt, sample_prompts
+from alignloop.world.grammar import COLORS, COUNT_WORDS, SHAPES, Prompt, all_prompts, sample_prompts
 from alignloop.world.oracle import judge
 from alignloop.world import world_signature
 from alignloop.world.render import IMAGE_SIZE, render_batch
@@ -225,10 +225,48 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out_dir))
     (out_dir / "training.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "world": world,
+        {"config": dataclasses.asdict(config), "world": world, "renders_digest": _renders_digest(),
          "vae_reconstruction_pass": state["vae_reconstruction_pass"],
          "log": state["log"]}, indent=1))
     return out_dir
+
+
+def restamp_generator(folder: Path, why: str) -> dict:
+    """Stamp a trained generator with this world's signature when only the oracle changed.
+
+    Generator training reads prompts and renders, never the oracle's verdicts, so a generator trained before
+    an oracle change is the model the same recipe would train now. The stamp records the old signature and
+    why it was replaced, and the autoencoder's reconstruction pass rate is measured again with this oracle.
+    Refuses a generator whose prompts or renders differ (use train-generator then)."""
+    from alignloop.models import load_generator
+
+    record_path = Path(folder) / "training.json"
+    record = json.loads(record_path.read_text())
+    world = world_signature()
+    if record.get("world") == world:
+        return record
+    # Records from before the digest was kept cannot be checked; the change that restamps them says why.
+    if record.get("renders_digest") not in (None, _renders_digest()):
+        raise TrainingMismatch(f"{folder} was trained on other prompts or renders; retrain it "
+                               "(alignloop world train-generator)")
+    vae = load_generator(str(folder), device="cpu").vae
+    record["restamped"] = record.get("restamped", []) + [
+        {"from": record.get("world"), "to": world, "why": why,
+         "vae_reconstruction_pass_before": record.get("vae_reconstruction_pass")}]
+    record["world"] = world
+    record["renders_digest"] = _renders_digest()
+    record["vae_reconstruction_pass"] = vae_reconstruction_pass_rate(vae, random.Random(0))
+    write_durably(record_path, json.dumps(record, indent=1).encode())
+    return record
+
+
+def _renders_digest() -> str:
+    """A hash of the prompts and renders alone (no oracle): what generator training depends on."""
+    prompts = list(all_prompts())
+    images, _ = render_batch(prompts, random.Random(0), avoid_unseen=False)
+    digest = hashlib.sha256(json.dumps([[p.text, p.unseen] for p in prompts]).encode())
+    digest.update(images.tobytes())
+    return digest.hexdigest()[:12]
 
 
 def consistent_captions(count: int, shape: str, color, background) -> list:
@@ -267,7 +305,7 @@ def generated_pool(generator_dir: Path, size: int, rng: random.Random, steps: in
 def _describe(image: np.ndarray):
     """Captions true of a generated image according to the oracle, or None if it is not a clean scene."""
     probe = judge(image, Prompt("count", 1, "circle"))  # any prompt: we read what was found
-    if probe.found_color is None or not 1 <= probe.found_count <= max(COUNT_WORDS):
+    if probe.found_color not in COLORS or not 1 <= probe.found_count <= max(COUNT_WORDS):  # None, or "brown" objects
         return None
     shapes = {s for s in SHAPES
               if judge(image, Prompt("count", probe.found_count, s)).passed}
