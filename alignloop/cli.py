@@ -15,6 +15,7 @@ from alignloop.errors import UserFacingError  # noqa: F401  (re-exported for com
 COMMAND_MODULES = [
     "alignloop.world.cli",
     "alignloop.generate_cli",
+    "alignloop.registry_cli",
     "alignloop.feedback.cli",
     "alignloop.serving.cli",
     "alignloop.kernels.cli",
