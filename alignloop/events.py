@@ -1,4 +1,4 @@
-"""Event schemas on the feedback stream: `alignloop.generation/1` and `alignloop.feedback/1`.
+"""Event schemas on the feedback stream: `alignloop.generation/2` (reads /1) and `alignloop.feedback/1`.
 
 These are the typed records the stages exchange (serving -> Kafka -> trainer). Models are strict (no type
 coercion, unknown fields rejected, bounded strings) and frozen, so an event that was valid when built is
@@ -37,7 +37,10 @@ from alignloop.secrets import load_secret
 GENERATIONS_TOPIC = "alignloop.generations"
 FEEDBACK_TOPIC = "alignloop.feedback"
 
-GENERATION_SCHEMA = "alignloop.generation/1"
+GENERATION_SCHEMA = "alignloop.generation/2"
+# /2 adds what makes a voted image reproducible and attributable: the reward model that ranked it, and per image
+# its candidate index, seed and probability of being shown (exploration). Events written as /1 stay readable.
+GENERATION_SCHEMAS = ("alignloop.generation/1", GENERATION_SCHEMA)
 FEEDBACK_SCHEMA = "alignloop.feedback/1"
 
 # Ids travel as Kafka keys, file names in the image store and Parquet columns: a conservative alphabet keeps
@@ -72,8 +75,15 @@ class GeneratedImage(BaseModel):
 
     image_id: Id
     uri: Uri = Field(description="Where the PNG lives in the image store (fsspec URL).")
-    rank: int = Field(ge=1, le=64, description="1 = highest reward among the n candidates.")
+    rank: int = Field(ge=1, le=64, description="Position shown, 1 first; the best by reward unless explored.")
     reward: Reward = Field(description="Reward-model score that ranked the image.")
+    candidate_index: int | None = Field(default=None, ge=0, le=63, description="Which of the n candidates (/2).")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1,
+                             description="The candidate's own sampler seed: with the adapter it redraws the image (/2).")
+    shown_probability: float | None = Field(
+        default=None, gt=0, le=1, allow_inf_nan=False,
+        description="Chance this candidate had of being shown under the exploration policy (/2): 1 for the top "
+                    "images, less for an explored one; a trainer can weight votes by its inverse.")
 
 
 class GenerationParams(BaseModel):
@@ -99,7 +109,8 @@ class GenerationEvent(_Event):
 
     TOPIC: ClassVar[str] = GENERATIONS_TOPIC
 
-    schema_: Literal["alignloop.generation/1"] = Field(default=GENERATION_SCHEMA, alias="schema")
+    schema_: Literal["alignloop.generation/1", "alignloop.generation/2"] = Field(default=GENERATION_SCHEMA,
+                                                                                   alias="schema")
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Unique per event; consumers dedupe on it.")
     ts: AwareDatetime = Field(default_factory=_now, description="When the images were returned (UTC).")
     request_id: Id
@@ -112,6 +123,8 @@ class GenerationEvent(_Event):
     candidate_rewards: list[Reward] | None = Field(
         default=None, max_length=64, description="Rewards of all n candidates, for rejection-sampling analysis."
     )
+    reward_model: Label | None = Field(
+        default=None, description="What ranked the candidates (/2): 'clip' (CLIP score) or a registry reward version.")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -124,6 +137,17 @@ class GenerationEvent(_Event):
             raise ValueError("image_id values must be distinct within a generation")
         if self.candidate_rewards is not None and len(self.candidate_rewards) != n:
             raise ValueError(f"candidate_rewards must hold params.n={n} entries; got {len(self.candidate_rewards)}")
+        if self.schema_ == GENERATION_SCHEMA:
+            if self.reward_model is None:
+                raise ValueError(f"{GENERATION_SCHEMA} events name their reward_model")
+            for image in self.images:
+                if None in (image.candidate_index, image.seed, image.shown_probability):
+                    raise ValueError(f"{GENERATION_SCHEMA} images carry candidate_index, seed and shown_probability; "
+                                     f"{image.image_id} does not")
+                if image.candidate_index >= n:
+                    raise ValueError(f"candidate_index must be below params.n={n}; got {image.candidate_index}")
+            if len({image.candidate_index for image in self.images}) != k:
+                raise ValueError("candidate_index values must be distinct within a generation")
         return self
 
     def kafka_key(self) -> str:

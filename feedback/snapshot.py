@@ -38,7 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from alignloop.events import FEEDBACK_SCHEMA, GENERATION_SCHEMA, FeedbackEvent, GenerationEvent, parse_event
+from alignloop.events import FEEDBACK_SCHEMA, GENERATION_SCHEMAS, FeedbackEvent, GenerationEvent, parse_event
 from alignloop.feedback.config import Topics
 from alignloop.durable import fsync_dir, fsync_file, write_durably
 from alignloop.feedback.image_store import ImageStore
@@ -51,13 +51,17 @@ GENERATIONS_SCHEMA = pa.schema([
     ("arm", pa.string()), ("adapter_version", pa.string()), ("n", pa.int16()), ("k", pa.int16()),
     ("steps", pa.int16()), ("guidance", pa.float32()), ("seed", pa.int64()), ("rank", pa.int16()),
     ("reward", pa.float64()), ("image_uri", pa.string()), ("image_path", pa.string()),
+    # From alignloop.generation/2 on (null for /1 events): what ranked it, and how to redraw and reweight it.
+    ("reward_model", pa.string()), ("candidate_index", pa.int16()), ("candidate_seed", pa.int64()),
+    ("shown_probability", pa.float64()),
 ])
 FEEDBACK_TABLE_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("request_id", pa.string()),
     ("image_id", pa.string()), ("vote", pa.string()), ("user_hash", pa.string()), ("arm", pa.string()),
     ("adapter_version", pa.string()), ("image_uri", pa.string()),
 ])
-_JOINED = ("prompt", "n", "k", "steps", "guidance", "seed", "rank", "reward", "image_path")
+_JOINED = ("prompt", "n", "k", "steps", "guidance", "seed", "rank", "reward", "image_path", "reward_model",
+           "candidate_index", "candidate_seed", "shown_probability")
 VOTES_SCHEMA = pa.schema(
     list(FEEDBACK_TABLE_SCHEMA) + [GENERATIONS_SCHEMA.field(name) for name in _JOINED] + [("label", pa.int8())]
 )
@@ -87,7 +91,9 @@ class Dataset:
                     "user_hash": event.user_hash, "prompt": event.prompt, "arm": event.arm,
                     "adapter_version": event.adapter_version, "n": p.n, "k": p.k, "steps": p.steps,
                     "guidance": p.guidance, "seed": p.seed, "rank": image.rank, "reward": image.reward,
-                    "image_uri": image.uri, "image_path": None,
+                    "image_uri": image.uri, "image_path": None, "reward_model": event.reward_model,
+                    "candidate_index": image.candidate_index, "candidate_seed": image.seed,
+                    "shown_probability": image.shown_probability,
                 })
         else:
             self.feedback.append({
@@ -277,7 +283,7 @@ class SnapshotWriter:
             "version": version,
             "parent": parent.name if parent else None,
             "created_at": datetime.now(timezone.utc).isoformat(),
-            "schemas": [GENERATION_SCHEMA, FEEDBACK_SCHEMA],
+            "schemas": [*GENERATION_SCHEMAS, FEEDBACK_SCHEMA],
             "topics": {"generations": self.topics.generations, "feedback": self.topics.feedback},
             "consumer_group": self.group_id,
             "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in self.data.offsets.items()},

@@ -1,5 +1,6 @@
-"""alignloop.kernels: the reward scorer's head and ranking, in PyTorch (the reference), Triton (fused,
-CUDA) and ONNX Runtime, and the dispatch between them. See kernels/README.md.
+"""alignloop.kernels: the fast backends of the reward scorer's head and ranking, Triton (fused, CUDA) and
+ONNX Runtime, beside the PyTorch references, and the dispatch between them. See kernels/README.md.
+The head itself (its definition and file format) lives in alignloop.rewards.
 
 Importing this package stays light (the CLI imports it to register `bench scorer`): the names below are
 loaded on first use (PEP 562), and Triton and onnxruntime only by the backends that use them.
@@ -10,8 +11,7 @@ import importlib
 _EXPORTS = {
     "HeadConfig": "config", "ScorerConfig": "config", "TritonBlocks": "config",
     "BackendChoice": "dispatch", "choose_backend": "dispatch", "grouped_topk": "dispatch",
-    "RewardHead": "reference", "grouped_topk_reference": "reference",
-    "load_head": "weights", "save_head": "weights",
+    "grouped_topk_reference": "reference",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -22,8 +22,8 @@ import torch
 
 from alignloop.kernels.config import HeadConfig, ScorerConfig
 from alignloop.kernels.dispatch import CPU_CHOICE_SCHEMA
-from alignloop.kernels.reference import RewardHead
 from alignloop.machine import describe_machine
+from alignloop.rewards.head import RewardHead
 
 LEE = HeadConfig(embed_dim=768, hidden=(1024, 1024))  # ViT-L-14 embeddings, two hidden layers of 1024
 ONNX_MARGIN = 1.05  # onnxruntime must be >= 5% faster to be chosen: it costs an export at start-up

@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from alignloop.kernels.config import BACKEND_ENV, BACKENDS, ScorerConfig
-from alignloop.kernels.reference import RewardHead, grouped_topk_reference
+from alignloop.kernels.reference import grouped_topk_reference
+from alignloop.rewards.head import RewardHead
 
 CPU_CHOICE_SCHEMA = "alignloop.cpu_choice/1"
 CPU_DEFAULT = "torch"  # without a recorded benchmark: no export step, nothing extra to go wrong

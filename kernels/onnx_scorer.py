@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignloop.durable import write_durably
-from alignloop.kernels.reference import NORM_EPS, RewardHead
+from alignloop.rewards.head import NORM_EPS, RewardHead
 
 PIXELS, TEXT, REWARDS = "pixels", "text_embedding", "rewards"  # graph input / output names
 IMAGE_EMB = "image_embedding"  # the head-only graph's image input

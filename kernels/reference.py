@@ -1,72 +1,12 @@
-"""The reward head and grouped top-k in plain PyTorch: the definition of correct for every other backend.
+"""Grouped top-k in plain PyTorch: the definition of correct for the Triton top-k.
 
-Head (Lee et al. 2023, App. D): the CLIP image and text embeddings, each L2-normalized, concatenated,
-through an MLP with ReLU between layers (two hidden layers of 1024 by default), to one scalar through a
-sigmoid. The trainer trains this module; the Triton kernel and the ONNX graph must agree with it.
+The reward head's reference is its definition, `alignloop.rewards.head.RewardHead` (the module the
+trainer trains); the Triton kernel and the ONNX graph here must agree with it.
 """
 
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from alignloop.kernels.config import HeadConfig
-
-NORM_EPS = 1e-12  # F.normalize's default: x / max(|x|, eps); the kernel uses the same
-
-
-class RewardHead(nn.Module):
-    """reward = sigmoid(MLP([img / |img|, txt / |txt|])); embeddings [B, D] (text may be [1, D])."""
-
-    def __init__(self, embed_dim: int = 768, hidden: Sequence[int] = (1024, 1024)):
-        super().__init__()
-        self.config = HeadConfig(embed_dim=embed_dim, hidden=tuple(hidden))  # validates the shape
-        widths = [2 * embed_dim, *self.config.hidden]
-        layers = []
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-        layers.append(nn.Linear(widths[-1], 1))
-        self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, ...: the safetensors layout
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
-
-    @property
-    def hidden(self) -> tuple:
-        return self.config.hidden
-
-    def linears(self) -> list:
-        """The nn.Linear layers in order; the first takes [image half | text half] of the input."""
-        return [m for m in self.mlp if isinstance(m, nn.Linear)]
-
-    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid scores [B]; for losses that want them (the trainer)."""
-        check_embeddings(image_emb, text_emb, self.embed_dim)
-        image = F.normalize(image_emb, dim=-1, eps=NORM_EPS)
-        text = F.normalize(text_emb, dim=-1, eps=NORM_EPS).expand(image.shape[0], -1)
-        return self.mlp(torch.cat([image, text], dim=-1)).squeeze(-1)
-
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Rewards in (0, 1), shape [B], in the parameters' dtype."""
-        return torch.sigmoid(self.logits(image_emb, text_emb))
-
-
-def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, embed_dim: int) -> None:
-    """Shape and dtype checks shared by every backend; messages name the argument and the value."""
-    for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, {embed_dim}], got shape {tuple(t.shape)}")
-        if t.shape[1] != embed_dim:
-            raise ValueError(f"{name} must have {embed_dim} columns (the head's embed_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point (float32, float16 or bfloat16), got {t.dtype}")
-    if text_emb.shape[0] not in (1, image_emb.shape[0]):
-        raise ValueError(f"text_emb must have 1 row (shared by the batch) or as many as image_emb "
-                         f"({image_emb.shape[0]}), got {text_emb.shape[0]}")
 
 
 def check_topk_args(rewards: torch.Tensor, n: int, k: int) -> int:

@@ -1,4 +1,4 @@
-"""The reward head fused into one Triton launch. Tested against reference.RewardHead.
+"""The reward head fused into one Triton launch. Tested against alignloop.rewards.RewardHead.
 
 What one launch does, for a head with two hidden layers (Lee et al.'s shape):
 
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from alignloop.kernels.config import TritonBlocks
-from alignloop.kernels.reference import NORM_EPS, RewardHead, check_embeddings
+from alignloop.rewards.head import NORM_EPS, RewardHead, check_embeddings
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EPS = tl.constexpr(NORM_EPS)  # globals read inside @triton.jit must be constexpr

@@ -68,9 +68,8 @@ def main() -> int:
     import open_clip
 
     from alignloop.machine import describe_machine
-    from alignloop.kernels import RewardHead
     from alignloop.models import load_clip
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardHead, RewardScorer
 
     device, dtype = torch.device("cuda"), torch.float16
     prompt = "three red circles on a white background"

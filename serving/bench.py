@@ -9,7 +9,9 @@
 Figures: latency_ratio = p50 HTTP / p50 in-process (goal <= 1.15), batching_ratio = throughput on / off
 (goal >= 1.5; the headline `ratio`), scoring_share = scoring time / request time at n=16 (goal <= 5% on CPU).
 The server spools its events locally (no broker needed): producing is a non-blocking hand-off either way.
-Prints one JSON object on its last line.
+Every side ranks with a learned reward head of Lee et al.'s shape (two hidden layers of 1024; random weights,
+the same cost as trained ones), published live in each server's registry, so scoring is timed on the path a
+trained model takes. Prints one JSON object on its last line.
 """
 
 import json
@@ -25,6 +27,7 @@ from pathlib import Path
 from alignloop.machine import describe_machine
 
 N, K = 16, 4
+HEAD_HIDDEN = (1024, 1024)  # Lee et al.'s head
 
 
 def main(args) -> int:
@@ -68,6 +71,7 @@ def main(args) -> int:
         "settings": {"n": N, "k": K, "steps": steps, "guidance": guidance, "sequential_requests": requests_per_side,
                      "clients": clients, "requests_per_client": per_client, "quick": bool(args.quick),
                      "max_batch_images": 64, "generator": "shapes-sd-tiny", "clip": "shapes-clip-tiny",
+                     "reward_model": f"learned head {HEAD_HIDDEN} (random weights), live in the registry",
                      "kafka": "events spooled locally (no broker), emit() is non-blocking either way"},
         "ratio": round(batching_ratio, 3),
         "ratio_means": "headline: throughput of 8 concurrent clients with cross-request batching on / off (bigger is "
@@ -100,9 +104,13 @@ def _in_process(prompts, count, steps, guidance) -> dict:
     from alignloop.serving.config import ServingConfig
     from alignloop.serving.sampler import load_sampler
 
+    from alignloop.rewards import RewardScorer
+
     config = ServingConfig(device="cpu" if not torch.cuda.is_available() else "")
     torch.set_num_threads(os.cpu_count() or 1)
     sampler, batcher = load_sampler(config)
+    clip = sampler.reward.current()[0].clip
+    sampler.reward.swap(RewardScorer(clip, head=_head(clip), backend=config.scorer_backend), "reward:bench")
     try:
         sampler.sample(prompts[0], n=N, k=K, steps=steps, guidance=guidance, seed=0)  # warm-up
         latencies, shares = [], []
@@ -124,6 +132,8 @@ def _post(url, body, timeout=600):
     response = requests.post(url + "/generate", json=body, timeout=timeout)
     elapsed = time.perf_counter() - started
     response.raise_for_status()
+    if not response.json()["reward_model"].startswith("reward:"):
+        raise RuntimeError(f"the server ranked with {response.json()['reward_model']!r}, not the benchmark's head")
     return {"latency_s": elapsed, "timings": response.json()["timings"]}
 
 
@@ -197,6 +207,7 @@ class _Server:
         from alignloop.feedback import broker
 
         self.home.mkdir(parents=True, exist_ok=True)
+        _publish_head(self.home / "registry")
         port = broker.free_port()
         env = {**os.environ, "ALIGNLOOP_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
                "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
@@ -231,6 +242,27 @@ class _Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+
+
+def _head(clip):
+    import torch
+
+    from alignloop.rewards import RewardHead
+
+    torch.manual_seed(0)
+    return RewardHead(clip.embed_dim, HEAD_HIDDEN)
+
+
+def _publish_head(registry_dir: Path) -> None:
+    """A live reward head in the server's registry, so that it ranks with a head, not the CLIP score."""
+    from alignloop.models import load_clip
+    from alignloop.registry import Registry
+    from alignloop.rewards import clip_hash, save_head
+
+    clip = load_clip(device="cpu")
+    path = save_head(_head(clip), registry_dir.parent / "bench-head.safetensors", {"clip_hash": clip_hash(clip)})
+    Registry(registry_dir).publish("reward", {"head.safetensors": path}, state="live", who="bench serving",
+                                   why="time scoring with a head of Lee et al.'s shape (random weights)")
 
 
 def _prompts(count: int) -> list:

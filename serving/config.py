@@ -30,6 +30,10 @@ class ServingConfig:
     device: str = ""  # "cpu", "cuda", "cuda:1"; "" = CUDA when available, else CPU
     dtype: str = ""  # "fp32", "fp16", "bf16"; "" = fp16 on CUDA, fp32 on CPU
     scorer_backend: str = "auto"  # alignloop.kernels dispatch: auto / torch / onnxruntime / triton
+    # Where the trainer publishes reward models; each worker ranks by the live one (CLIP score until there is
+    # one) and polls for a new one every reward_poll_s seconds. "" = alignloop.registry.default_registry_url().
+    registry: str = ""
+    reward_poll_s: float = 30.0
 
     # -- process layout -------------------------------------------------------------------------------------
     workers: int = 1  # BentoML worker processes; each loads its own pipeline and CLIP (memory x workers)
@@ -50,6 +54,9 @@ class ServingConfig:
     batch_wait_ms: float = 5.0
     # Cross-request batching on/off. Off: each pass holds images of one request only (the benchmark baseline).
     cross_request_batching: bool = True
+    # Chance per request that the last of the k images shown is drawn from the candidates ranked k-th and below
+    # instead of the k-th best, so that votes also reach what the reward ranks low (selection bias).
+    explore_probability: float = 0.25
 
     # -- feedback -------------------------------------------------------------------------------------------
     token_ttl_s: int = 7 * 24 * 3600  # feedback tokens expire this long after the images were returned (s)
@@ -71,6 +78,10 @@ class ServingConfig:
             raise ValueError(f"default_steps must be in 1..150, got {self.default_steps}")
         if not 0 <= self.default_guidance <= 30:
             raise ValueError(f"default_guidance must be in 0..30, got {self.default_guidance}")
+        if not 0 <= self.explore_probability <= 1:
+            raise ValueError(f"explore_probability must be in [0, 1], got {self.explore_probability}")
+        if self.reward_poll_s <= 0:
+            raise ValueError(f"reward_poll_s must be > 0 seconds, got {self.reward_poll_s}")
         if self.token_ttl_s < 1:
             raise ValueError(f"token_ttl_s must be >= 1 second, got {self.token_ttl_s}")
         if not self.arms or abs(sum(a.share for a in self.arms) - 1.0) > 1e-6:

@@ -73,9 +73,11 @@ class ServingCore:
             request_id=request_id, user_hash=user_hash, prompt=req.prompt, arm=arm.name,
             adapter_version=arm.adapter,
             params=GenerationParams(n=req.n, k=req.k, steps=steps, guidance=float(guidance), seed=best.seed),
-            images=[GeneratedImage(image_id=i, uri=u, rank=r + 1, reward=best.rewards[r])
+            images=[GeneratedImage(image_id=i, uri=u, rank=r + 1, reward=best.rewards[r],
+                                   candidate_index=best.indices[r], seed=best.seeds[r],
+                                   shown_probability=best.shown_probabilities[r])
                     for r, (i, u) in enumerate(zip(image_ids, uris))],
-            candidate_rewards=best.candidate_rewards,
+            candidate_rewards=best.candidate_rewards, reward_model=best.reward_model,
         ))
         t_done = time.monotonic()
 
@@ -84,7 +86,7 @@ class ServingCore:
         digest = prompt_hash(req.prompt)
         images = [
             ImageResult(image_id=image_id, image=base64.b64encode(png).decode(), reward=best.rewards[r], rank=r + 1,
-                        feedback_token=mint(self.token_key, TokenClaims(image_id, request_id, digest, arm.name,
+                        candidate_index=best.indices[r], seed=best.seeds[r], feedback_token=mint(self.token_key, TokenClaims(image_id, request_id, digest, arm.name,
                                                                         arm.adapter, expires_at)))
             for r, (image_id, png) in enumerate(zip(image_ids, pngs))
         ]
@@ -92,13 +94,17 @@ class ServingCore:
                           scoring_ms=_ms(best.scoring_s), storing_ms=_ms(t_produce - t_store),
                           producing_ms=_ms(t_done - t_produce), total_ms=_ms(time.monotonic() - started))
         chosen = set(best.indices)
+        if best.explored:
+            metrics.EXPLORED.inc()
         metrics.observe_generation(arm.name, req.n, req.k, best.rewards,
                                    [r for i, r in enumerate(best.candidate_rewards) if i not in chosen],
                                    timings.model_dump())
         log_event("generate", request_id=request_id, user=_short(user_hash), arm=arm.name, adapter=arm.adapter,
-                  n=req.n, k=req.k, steps=steps, guidance=guidance, seed=best.seed,
+                  n=req.n, k=req.k, steps=steps, guidance=guidance, seed=best.seed, reward_model=best.reward_model,
+                  explored=best.explored,
                   top_reward=round(best.rewards[0], 4), **{k: round(v, 1) for k, v in timings.model_dump().items()})
-        return GenerateResponse(request_id=request_id, arm=arm.name, adapter=arm.adapter, seed=best.seed, n=req.n,
+        return GenerateResponse(request_id=request_id, arm=arm.name, adapter=arm.adapter,
+                                reward_model=best.reward_model, seed=best.seed, n=req.n,
                                 k=req.k, steps=steps, guidance=float(guidance), images=images, timings=timings)
 
     def feedback(self, req: FeedbackRequest) -> FeedbackResponse:

@@ -21,6 +21,9 @@ REQUEST_K = Histogram("alignloop_serving_request_k", "Candidates returned per re
 REWARD = Histogram("alignloop_serving_reward", "Reward of returned (chosen) vs. discarded (rejected) candidates",
                    ["arm", "kind"], buckets=(-0.5, -0.25, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 VOTES = Counter("alignloop_serving_votes_total", "Votes received, by arm", ["arm", "vote", "outcome"])
+REWARD_MODEL_SWAPS = Counter("alignloop_serving_reward_model_swaps_total",
+                             "Reward models swapped in (ok) or refused by their checks (refused)", ["outcome"])
+EXPLORED = Counter("alignloop_serving_explored_total", "Requests whose last shown image was drawn below the top k")
 FEEDBACK_REJECTED = Counter("alignloop_serving_feedback_rejected_total", "Feedback refused with 401, by reason",
                             ["reason"])
 PASS_IMAGES = Histogram("alignloop_serving_pass_images", "Images per diffusion forward pass",

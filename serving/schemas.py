@@ -76,8 +76,11 @@ class Timings(BaseModel):
 class ImageResult(BaseModel):
     image_id: str
     image: str = Field(description="The image as a base64-encoded PNG.")
-    reward: float = Field(description="Reward-model score (CLIP similarity until a reward head is trained).")
-    rank: int = Field(ge=1, description="1 = the highest reward among the n candidates.")
+    reward: float = Field(description="Reward-model score (CLIP similarity until a reward head is live).")
+    rank: int = Field(ge=1, description="Position shown: 1 = the highest reward among the n candidates. The last "
+                                        "image is now and then drawn from lower-ranked candidates (exploration).")
+    candidate_index: int = Field(ge=0, description="Which of the n candidates this is.")
+    seed: int = Field(ge=0, description="This candidate's own sampler seed: with the adapter it redraws the image.")
     feedback_token: str = Field(description="Send it back to POST /feedback with your vote.")
 
 
@@ -85,12 +88,15 @@ class GenerateResponse(BaseModel):
     request_id: str
     arm: str = Field(description="A/B arm that served the request.")
     adapter: str = Field(description="Adapter version of that arm ('base' = no adapter).")
+    reward_model: str = Field(description="What ranked the candidates: 'clip' (CLIP score) or 'reward:<version>', a "
+                                          "reward model from the registry.")
     seed: int = Field(description="The seed used (yours, or the one drawn for you): resend it to reproduce.")
     n: int
     k: int
     steps: int
     guidance: float
-    images: list[ImageResult] = Field(description="The k best candidates, best first.")
+    images: list[ImageResult] = Field(description="The k best candidates, best first (the last one sometimes "
+                                                  "explored from lower ranks).")
     timings: Timings
 
 

@@ -35,6 +35,7 @@ class AlignLoop:
         self.core: ServingCore | None = None
         self.batcher = None
         self.producer = None
+        self.follower = None
 
     @bentoml.on_startup
     def load(self) -> None:
@@ -45,6 +46,7 @@ class AlignLoop:
         from alignloop.feedback.image_store import ImageStore
         from alignloop.feedback.producer import EventProducer
         from alignloop.serving import metrics
+        from alignloop.serving.reward_slot import RegistryFollower
         from alignloop.serving.sampler import load_sampler
         from alignloop.serving.tokens import default_key
         from alignloop.serving.votes import SqliteLedger
@@ -54,6 +56,8 @@ class AlignLoop:
         worker = bentoml.server_context.worker_index or 1
         torch.set_num_threads(CONFIG.torch_threads or max(1, (os.cpu_count() or 1) // CONFIG.workers))
         sampler, self.batcher = load_sampler(CONFIG, on_pass=metrics.observe_pass)
+        self.follower = RegistryFollower(sampler.reward, CONFIG.registry or None, CONFIG.scorer_backend,
+                                         CONFIG.reward_poll_s).start()  # the registry's live reward model, if any
         sampler.sample("warm-up", n=1, k=1, steps=1, guidance=CONFIG.default_guidance, seed=0)
         self.producer = EventProducer(bootstrap=CONFIG.kafka_bootstrap or None,
                                       spool_dir=default_spool_dir().parent / f"serving-worker-{worker}",
@@ -62,12 +66,14 @@ class AlignLoop:
         self.core = ServingCore(sampler, self.producer, ImageStore(CONFIG.image_store or None), ledger,
                                 default_key(), CONFIG)
         log_event("worker_ready", worker=worker, generator=CONFIG.generator, clip=CONFIG.clip,
-                  backend=sampler.scorer.choice.reason if hasattr(sampler.scorer, "choice") else None,
+                  reward_model=sampler.reward.current()[1], backend=sampler.reward.current()[0].choice.reason,
                   torch_threads=torch.get_num_threads(), max_batch_images=CONFIG.max_batch_images,
                   cross_request_batching=CONFIG.cross_request_batching)
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()
         if self.batcher is not None:
             self.batcher.close()
         if self.producer is not None:

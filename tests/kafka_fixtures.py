@@ -83,13 +83,14 @@ def sample_generation(store, request_id: str, k: int = 2):
     from alignloop.feedback.image_store import PNG_MAGIC
 
     images = [
-        GeneratedImage(image_id=f"{request_id}-{rank}", rank=rank, reward=1.0 / rank,
+        GeneratedImage(image_id=f"{request_id}-{rank}", rank=rank, reward=1.0 / rank, candidate_index=rank - 1,
+                       seed=100 + rank, shown_probability=1.0,
                        uri=store.put(f"{request_id}-{rank}", PNG_MAGIC + request_id.encode() + bytes([rank])))
         for rank in range(1, k + 1)
     ]
     return GenerationEvent(request_id=request_id, prompt=f"two blue squares on a white background ({request_id})",
                            arm="A", adapter_version="base", params=GenerationParams(n=4, k=k, steps=10, guidance=5.0,
-                                                                                   seed=7), images=images)
+                                                                                   seed=7), images=images, reward_model="clip")
 
 
 def sample_vote(generation, rank: int = 1, vote: str = "up", user: str = "user-1"):

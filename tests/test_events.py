@@ -26,9 +26,11 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "deploy" / "schemas"
 def generation(**overrides) -> GenerationEvent:
     fields = dict(
         request_id="req-1", prompt="three red circles on a gray background", arm="A", adapter_version="base",
-        params=GenerationParams(n=4, k=2, steps=20, guidance=7.5, seed=42),
-        images=[GeneratedImage(image_id="img-1", uri="file:///images/im/img-1.png", rank=1, reward=0.9),
-                GeneratedImage(image_id="img-2", uri="file:///images/im/img-2.png", rank=2, reward=0.4)],
+        params=GenerationParams(n=4, k=2, steps=20, guidance=7.5, seed=42), reward_model="reward:v000003",
+        images=[GeneratedImage(image_id="img-1", uri="file:///images/im/img-1.png", rank=1, reward=0.9,
+                               candidate_index=2, seed=11, shown_probability=1.0),
+                GeneratedImage(image_id="img-2", uri="file:///images/im/img-2.png", rank=2, reward=0.4,
+                               candidate_index=0, seed=12, shown_probability=0.25)],
     )
     return GenerationEvent(**{**fields, **overrides})
 
@@ -42,7 +44,7 @@ def feedback(**overrides) -> FeedbackEvent:
 def test_events_round_trip_through_json_with_schema_and_routing():
     for event, topic, key in ((generation(), GENERATIONS_TOPIC, "req-1"), (feedback(), FEEDBACK_TOPIC, "img-1")):
         raw = event.to_json()
-        assert json.loads(raw)["schema"] in ("alignloop.generation/1", "alignloop.feedback/1")
+        assert json.loads(raw)["schema"] in ("alignloop.generation/2", "alignloop.feedback/1")
         assert parse_event(raw) == event
         assert (event.TOPIC, event.kafka_key()) == (topic, key)
     assert generation().event_id != generation().event_id  # fresh UUID per event
@@ -71,12 +73,33 @@ def test_generation_checks_consistency_of_k_n_and_ranks():
     with pytest.raises(ValidationError, match="ranks must be 1..2"):
         generation(images=[GeneratedImage(image_id="a", uri="file:///a.png", rank=1, reward=0.0),
                            GeneratedImage(image_id="b", uri="file:///b.png", rank=1, reward=0.0)])
+    two = [GeneratedImage(image_id=f"i{r}", uri=f"file:///i{r}.png", rank=r, reward=0.0, candidate_index=c, seed=r,
+                          shown_probability=1.0) for r, c in ((1, 3), (2, 3))]
+    with pytest.raises(ValidationError, match="candidate_index values must be distinct"):
+        generation(images=two)
+    with pytest.raises(ValidationError, match="candidate_index must be below params.n=4"):
+        generation(images=[two[0].model_copy(update={"candidate_index": 4}), two[1].model_copy(update={"candidate_index": 0})])
     with pytest.raises(ValidationError, match="candidate_rewards must hold params.n=4"):
         generation(candidate_rewards=[0.1])
     with pytest.raises(ValidationError, match="finite"):
         GeneratedImage(image_id="a", uri="file:///a.png", rank=1, reward=float("nan"))
     with pytest.raises(ValidationError, match="steps"):
         GenerationParams(n=1, k=1, steps=151, guidance=0.0, seed=0)
+
+
+def test_version_2_names_the_reward_model_and_each_candidate_and_version_1_stays_readable():
+    with pytest.raises(ValidationError, match="name their reward_model"):
+        generation(reward_model=None)
+    bare = [GeneratedImage(image_id=f"i{r}", uri=f"file:///i{r}.png", rank=r, reward=0.0) for r in (1, 2)]
+    with pytest.raises(ValidationError, match="carry candidate_index, seed and shown_probability"):
+        generation(images=bare)
+    # An event a /1 producer wrote (before the reward model was versioned) still parses.
+    old = {k: v for k, v in json.loads(generation().to_json()).items() if k != "reward_model"}
+    old["schema"] = "alignloop.generation/1"
+    old["images"] = [{k: v for k, v in image.items() if k in ("image_id", "uri", "rank", "reward")} for image in old["images"]]
+    parsed = parse_event(json.dumps(old))
+    assert parsed.schema_ == "alignloop.generation/1" and parsed.reward_model is None
+    assert parsed.images[0].candidate_index is None
 
 
 def test_strict_types_and_frozen_events():
@@ -105,7 +128,7 @@ def test_published_schemas_equal_what_the_models_generate():
 
 
 def test_published_schema_validates_events_and_rejects_extras():
-    schema = json.loads((SCHEMAS / "alignloop.generation-1.schema.json").read_text())
+    schema = json.loads((SCHEMAS / "alignloop.generation-2.schema.json").read_text())
     instance = json.loads(generation(user_hash=hash_user_id("u")).to_json())
     jsonschema.validate(instance, schema, format_checker=jsonschema.FormatChecker())
     with pytest.raises(jsonschema.ValidationError):

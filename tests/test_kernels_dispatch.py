@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from alignloop.kernels import RewardHead, ScorerConfig, choose_backend
+from alignloop.kernels import ScorerConfig, choose_backend
 from alignloop.kernels.bench import cpu_choice
 from alignloop.kernels.config import BACKEND_ENV, CPU_CHOICE_ENV
 from alignloop.kernels.dispatch import CPU_CHOICE_SCHEMA
+from alignloop.rewards import RewardHead
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -111,7 +112,7 @@ def pil_images(count, size=(40, 48)):
 
 
 def test_scorer_backends_agree_and_auto_follows_the_record(clip, head, record):
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardScorer
     from alignloop.kernels.triton_head import interpreting
 
     record("onnxruntime")
@@ -134,7 +135,7 @@ def test_scorer_backends_agree_and_auto_follows_the_record(clip, head, record):
 
 
 def test_scorer_without_head_is_clip_score(clip, record):
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardScorer
     from alignloop.kernels.onnx_scorer import clip_score
     scorer = RewardScorer(clip, backend="torch")
     assert scorer.head is None
@@ -146,7 +147,7 @@ def test_scorer_without_head_is_clip_score(clip, record):
 
 
 def test_scorer_pil_and_tensor_inputs_agree(clip, head, record):
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardScorer
     import numpy as np
     scorer = RewardScorer(clip, head, backend="torch")
     images = pil_images(4, size=(clip.image_size, clip.image_size))
@@ -158,7 +159,7 @@ def test_scorer_pil_and_tensor_inputs_agree(clip, head, record):
 
 
 def test_scorer_caches_text_embeddings_lru(clip, head, monkeypatch, record):
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardScorer
     scorer = RewardScorer(clip, head, backend="torch", config=ScorerConfig(text_cache_size=2))
     calls = []
     encode = clip.encode_texts
@@ -169,7 +170,7 @@ def test_scorer_caches_text_embeddings_lru(clip, head, monkeypatch, record):
 
 
 def test_scorer_errors(clip, head, record):
-    from alignloop.reward import RewardScorer
+    from alignloop.rewards import RewardScorer
     scorer = RewardScorer(clip, head, backend="torch")
     with pytest.raises(ValueError, match=r"images must be a tensor \[B, 3, H, W\], got shape \(2, 32, 32\)"):
         scorer.score(torch.rand(2, 32, 32), "p")

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from alignloop.kernels import RewardHead
 from alignloop.kernels import onnx_scorer
 from alignloop.kernels.onnx_scorer import (OrtSession, ScorerGraph, cached_scorer_onnx, export_head_onnx,
                                            export_scorer_onnx)
 from alignloop.models import load_clip
+from alignloop.rewards import RewardHead
 
 ATOL = 1e-4
 

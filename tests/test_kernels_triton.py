@@ -7,9 +7,10 @@ full-size case. bf16 runs only on a GPU: the interpreter's bf16 tl.dot is wrong.
 import pytest
 import torch
 
-from alignloop.kernels import RewardHead, TritonBlocks, grouped_topk_reference
+from alignloop.kernels import TritonBlocks, grouped_topk_reference
 from alignloop.kernels.triton_head import fused_reward_head, interpreting
 from alignloop.kernels.triton_topk import grouped_topk_triton
+from alignloop.rewards import RewardHead
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),

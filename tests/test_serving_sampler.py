@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from alignloop.models import load_clip, load_generator
-from alignloop.reward import RewardScorer
+from alignloop.rewards import RewardScorer
 from alignloop.serving.batching import DiffusionBatcher
+from alignloop.serving.reward_slot import RewardSlot
 from alignloop.serving.sampler import Sampler, candidate_seeds
 
 PROMPT = "three red circles on a gray background"
@@ -39,10 +40,11 @@ def test_best_k_of_n_with_the_clip_scorer(pipe):
     scorer = RewardScorer(load_clip(device="cpu"))
     batcher = DiffusionBatcher(pipe, max_batch_images=8, wait_ms=0)
     try:
-        best = Sampler(batcher, scorer).sample(PROMPT, n=6, k=2, steps=2, guidance=7.5, seed=11)
+        best = Sampler(batcher, RewardSlot(scorer)).sample(PROMPT, n=6, k=2, steps=2, guidance=7.5, seed=11)
     finally:
         batcher.close()
     direct = scorer.score(best.images, PROMPT)
     assert torch.allclose(direct, torch.tensor(best.rewards), atol=1e-5)  # the returned images carry their rewards
     assert best.rewards == sorted(best.candidate_rewards, reverse=True)[:2]
     assert all(-1 <= r <= 1 for r in best.candidate_rewards)  # CLIP cosine until a head is trained
+    assert best.reward_model == "clip"

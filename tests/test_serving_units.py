@@ -1,5 +1,7 @@
 """Units of the serving stage with in-memory fakes: tokens, schemas, arms, vote ledger, batcher, sampler, core."""
 
+import collections
+import random
 import threading
 import time
 from types import SimpleNamespace
@@ -15,7 +17,8 @@ from alignloop.serving.arms import assign_arm
 from alignloop.serving.batching import DiffusionBatcher
 from alignloop.serving.config import ArmSpec, ServingConfig
 from alignloop.serving.handlers import ServingCore
-from alignloop.serving.sampler import Sampler, candidate_seeds
+from alignloop.serving.reward_slot import RewardSlot
+from alignloop.serving.sampler import Sampler, candidate_seeds, choose_shown
 from alignloop.serving.schemas import FeedbackRequest, GenerateRequest
 from alignloop.serving.votes import MemoryLedger, SqliteLedger
 
@@ -210,7 +213,7 @@ class MeanScorer:
 def test_sampler_returns_the_best_k_in_order():
     batcher = DiffusionBatcher(FakePipeline(), max_batch_images=16, wait_ms=0)
     try:
-        best = Sampler(batcher, MeanScorer()).sample("p", n=10, k=3, steps=4, guidance=7.5, seed=7)
+        best = Sampler(batcher, RewardSlot(MeanScorer())).sample("p", n=10, k=3, steps=4, guidance=7.5, seed=7)
     finally:
         batcher.close()
     assert len(best.candidate_rewards) == 10 and len(best.rewards) == 3
@@ -218,11 +221,43 @@ def test_sampler_returns_the_best_k_in_order():
     assert [best.candidate_rewards[i] for i in best.indices] == best.rewards
     assert torch.allclose(best.images.mean(dim=(1, 2, 3)), torch.tensor(best.rewards))
     assert best.seeds == [candidate_seeds(7, 10)[i] for i in best.indices]
+    assert best.shown_probabilities == [1.0] * 3 and not best.explored and best.reward_model == "clip"
+
+
+def test_exploration_shows_a_lower_ranked_candidate_with_its_probability():
+    rewards = torch.arange(10, dtype=torch.float32)  # candidate 9 is the best
+    always = choose_shown(rewards, 3, 1.0, random.Random(0))
+    assert always[0][:2] == [9, 8] and always[0][2] in range(8) and always[2] is True
+    assert always[1] == [1.0, 1.0, pytest.approx(1 / 8)]  # the pool is the 3rd best and the 7 below it
+    never = choose_shown(rewards, 3, 0.0, random.Random(0))
+    assert never == ([9, 8, 7], [1.0, 1.0, 1.0], False)
+    assert choose_shown(rewards, 10, 1.0, random.Random(0))[2] is False  # k = n: nothing to explore
+    # Over many requests, each candidate below the top k-1 is shown at the rate its probability says.
+    rng, p, shown = random.Random(1), 0.5, collections.Counter()
+    for _ in range(8000):
+        indices, probabilities, _ = choose_shown(rewards, 3, p, rng)
+        shown[indices[2]] += 1
+        assert probabilities[2] == pytest.approx(p / 8 + (1 - p) * (indices[2] == 7))
+    assert shown[7] / 8000 == pytest.approx(1 - p + p / 8, abs=0.02)
+    assert shown[0] / 8000 == pytest.approx(p / 8, abs=0.015)
+
+
+def test_seeded_requests_explore_the_same_way():
+    batcher = DiffusionBatcher(FakePipeline(), max_batch_images=16, wait_ms=0)
+    try:
+        sampler = Sampler(batcher, RewardSlot(MeanScorer()), explore_probability=0.5)
+        runs = [[sampler.sample("p", n=8, k=2, steps=4, guidance=7.5, seed=s).indices for s in range(12)]
+                for _ in range(2)]
+        explored = [sampler.sample("p", n=8, k=2, steps=4, guidance=7.5, seed=s).explored for s in range(40)]
+    finally:
+        batcher.close()
+    assert runs[0] == runs[1]
+    assert 5 < sum(explored) < 35  # about half
 
 
 @pytest.mark.parametrize("kwargs", [dict(n=2, k=3), dict(n=65, k=1), dict(n=4, k=0), dict(n=4, k=1, seed=-1)])
 def test_sampler_checks_inputs(kwargs):
-    sampler = Sampler(source=None, scorer=MeanScorer())
+    sampler = Sampler(source=None, reward=RewardSlot(MeanScorer()))
     with pytest.raises(ValueError):
         sampler.sample("p", steps=4, guidance=7.5, **{"seed": None, **kwargs})
 
@@ -245,7 +280,7 @@ class DictStore:
 def core():
     batcher = DiffusionBatcher(FakePipeline(), max_batch_images=16, wait_ms=0)
     clock = SimpleNamespace(now=time.time())
-    core = ServingCore(Sampler(batcher, MeanScorer()), MemorySink(), DictStore(), MemoryLedger(), KEY,
+    core = ServingCore(Sampler(batcher, RewardSlot(MeanScorer())), MemorySink(), DictStore(), MemoryLedger(), KEY,
                        ServingConfig(token_ttl_s=60), clock=lambda: clock.now)
     core.test_clock = clock
     yield core
@@ -257,6 +292,8 @@ def test_core_generate_stores_emits_and_signs(core):
     [event] = core.sink.events
     assert isinstance(event, GenerationEvent) and event.request_id == result.request_id
     assert event.user_hash and event.user_hash != "carol" and len(event.candidate_rewards) == 5
+    assert event.schema_ == "alignloop.generation/2" and event.reward_model == result.reward_model == "clip"
+    assert [(im.candidate_index, im.seed) for im in event.images] == [(im.candidate_index, im.seed) for im in result.images]
     assert set(core.store.blobs) == {im.image_id for im in result.images}
     assert [im.rank for im in result.images] == [1, 2]
     claims = tokens.verify(KEY, result.images[0].feedback_token)

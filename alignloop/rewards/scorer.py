@@ -1,30 +1,49 @@
-"""The reward model as the rest of alignloop uses it: CLIP embeddings -> reward head (or CLIP score).
+"""The reward scorer on the serving path: CLIP embeddings -> reward head (or CLIP score), one prompt at a time.
 
     scorer = RewardScorer(load_clip(), head=load_head(path))   # head=None: CLIP score, until a head is trained
     rewards = scorer.score(images, "three red circles on a gray background")   # [B] float32 on CPU
     values, indices = grouped_topk(rewards, n=8, k=2)                           # best k of each n
 
 The backend (torch eager, fused Triton head, onnxruntime) is chosen by alignloop.kernels.dispatch; every
-backend computes what alignloop.kernels.reference defines. The trainer trains `RewardHead` itself (see
-alignloop.kernels.reference) and saves it with `save_head`; the scorer only runs it.
+backend computes what alignloop.rewards.head.RewardHead defines. The trainer trains `RewardHead` and saves
+it with `save_head`; the scorer only runs it. The `clip` and `learned` rewards (alignloop.rewards.get_reward)
+are this scorer behind the common reward signature.
 """
 
 import collections
 import copy
+import hashlib
 import threading
-from typing import Optional, Sequence, Union
+import weakref
+from typing import Optional
 
+import numpy as np
 import torch
 
 from alignloop.kernels import ScorerConfig, choose_backend, grouped_topk
 from alignloop.kernels.onnx_scorer import OrtSession, ScorerGraph, cached_scorer_onnx, clip_score
-from alignloop.kernels.reference import RewardHead
 from alignloop.models import ClipBundle
+from alignloop.rewards.head import RewardHead
+from alignloop.rewards.images import Images, to_clip_input
 from alignloop.settings import home
 
-__all__ = ["RewardScorer", "RewardHead", "grouped_topk"]
+__all__ = ["RewardScorer", "RewardHead", "clip_hash", "grouped_topk"]
 
-Images = Union[torch.Tensor, Sequence]  # float tensor [B,3,H,W] in [0,1], or a list of PIL images
+_CLIP_HASHES = weakref.WeakKeyDictionary()  # CLIP module -> its hash, computed once per loaded model
+
+
+def clip_hash(clip: ClipBundle) -> str:
+    """A short hash of the CLIP's weights (names, shapes and values, as float32): what a reward head's
+    embeddings depend on. Recorded with every trained head and keying the trainer's embedding cache, so a
+    head is never run, nor a cached embedding reused, on another CLIP's embeddings."""
+    cached = _CLIP_HASHES.get(clip.model)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(clip.model.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        cached = _CLIP_HASHES[clip.model] = digest.hexdigest()[:16]
+    return cached
 
 
 class RewardScorer:
@@ -102,8 +121,11 @@ class RewardScorer:
         return embedding
 
     def pixels(self, images: Images) -> torch.Tensor:
-        """Images as a CPU float32 tensor [B, 3, S, S] in [0, 1], S the CLIP's input size."""
+        """Images as a CPU float32 tensor [B, 3, S, S] in [0, 1], S the CLIP's input size. Takes a float
+        tensor [B, 3, H, W] in [0, 1], a uint8 numpy array [B, H, W, 3] or a list of PIL images."""
         size = self.clip.image_size
+        if isinstance(images, np.ndarray):
+            images = to_clip_input(images)  # checked there: uint8 [B, H, W, 3]
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"images must be a tensor [B, 3, H, W], got shape {tuple(images.shape)}")
