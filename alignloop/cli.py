@@ -6,6 +6,7 @@ contents. Heavy imports (torch, diffusers) happen inside the command functions, 
 """
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -21,6 +22,21 @@ COMMAND_MODULES = [
     "alignloop.kernels.cli",
     "alignloop.trainer.cli",
 ]
+
+
+def add_config_args(parser: argparse.ArgumentParser, config) -> None:
+    """One flag per field of a config dataclass, its default the config's: --lr 1e-3, --hidden 256 256 (tuples take
+    several values), --classify-downvoted / --no-classify-downvoted (booleans)."""
+    for field in dataclasses.fields(config):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(config, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
+                                help=f"(default {' '.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -309,3 +309,9 @@ def test_quick_reward_benchmark_prints_every_figure_as_json():
     assert best["oracle"] >= max(best["clip"], best["learned"], best["random"])  # nothing beats the ceiling
     assert report["ratio"] == pytest.approx(best["learned"] / best["clip"], abs=1e-3)
     assert all(0 <= v <= 1 for v in report["preference_accuracy"].values())
+    bias = report["selection_bias"]
+    assert set(bias) == {"means", "all_votes", "top4_only", "explore_0.25", "explore_1.0"}
+    requests = report["votes"]["requests_of_16"]
+    assert all(bias[p]["votes"] <= 4 * requests for p in ("top4_only", "explore_0.25", "explore_1.0"))
+    assert bias["all_votes"]["votes"] == 16 * requests
+    assert 0 <= report["generalization_probe"]["other_prompts"] <= 1

@@ -3,13 +3,13 @@
 Imports of torch and the models happen inside the command functions, keeping `alignloop --help` fast.
 """
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 
 def add_commands(sub) -> None:
+    from alignloop.cli import add_config_args
     from alignloop.trainer.config import RewardTrainConfig
 
     train = sub.add_parser("train", help="train from the feedback: the reward model",
@@ -32,7 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("--clip-checkpoint", default=None, help="checkpoint file for an open_clip architecture name")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
-    _add_config_args(p, RewardTrainConfig())
+    add_config_args(p, RewardTrainConfig())
     p.set_defaults(func=_train_reward)
 
 
@@ -50,20 +50,6 @@ def add_benchmarks(bench_subparsers) -> None:
     p.add_argument("--train-images", type=int, default=None, help="samples to vote on (default 3000; --quick 256)")
     p.add_argument("--eval-prompts", type=int, default=None, help="unseen prompts to evaluate (default all; --quick 6)")
     p.set_defaults(func=_bench_reward)
-
-
-def _add_config_args(parser, config) -> None:
-    """One flag per config field: --classification-weight 0, --hidden 256 256, --classify-downvoted."""
-    for field in dataclasses.fields(config):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(config, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
-                                help=f"(default {' '.join(map(str, default))})")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
 
 
 def _train_reward(args) -> int:

@@ -15,6 +15,11 @@ In the shapes world, with the bundled generator and CLIP, in one run:
                   - the oracle pass rate of the best 4 of 16 picked by random choice (its expectation: the
                     prompt's pass rate), the CLIP score, the learned reward and the oracle itself (the ceiling)
 
+    4. Probe      why a head learns so little beyond the CLIP score: a head trained on the unseen images' own
+                  oracle verdicts (no noise), measured on those images (can the embeddings separate them at
+                  all?) and trained on half of the unseen prompts, measured on the other half (does what it
+                  learns carry over to other prompts?)
+
 Every reward is called through alignloop.rewards.get_reward, as serving and training call it.
 """
 
@@ -55,12 +60,51 @@ def _generate(pipe, prompts, seed: int, steps: int, guidance: float, progress: b
     return np.concatenate(chunks)
 
 
+def _image_embeddings(clip, images) -> torch.Tensor:
+    from alignloop.rewards import RewardScorer
+
+    scorer = RewardScorer(clip, backend="torch")
+    return torch.cat([scorer.image_embeddings(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 255)
+                      for i in range(0, len(images), 256)]).float()
+
+
 def best_k_pass_rate(scores: torch.Tensor, passes: torch.Tensor, n: int = PER_PROMPT, k: int = BEST_K) -> float:
     """Mean oracle pass rate of the k best of each group of n consecutive images, by `scores`."""
     from alignloop.kernels import grouped_topk
 
     _, indices = grouped_topk(scores.float(), n, k)  # [G, k], within each group
     return float(passes.view(-1, n).gather(1, indices).float().mean())
+
+
+def generalization_probe(image_emb: torch.Tensor, text_emb: torch.Tensor, passes: np.ndarray, groups: np.ndarray,
+                         seed: int, epochs: int = 200) -> dict:
+    """Preference accuracy of heads fitted to the oracle's verdicts of these very images: in-sample, and on the
+    prompts (groups) left out of fitting (even groups fit, odd groups measured)."""
+    from alignloop.rewards import RewardHead
+    from alignloop.trainer.reward_model import preference_accuracy
+
+    def fit(rows):
+        torch.manual_seed(seed)
+        head = RewardHead(image_emb.shape[1], HIDDEN)
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+        targets = torch.as_tensor(passes, dtype=torch.float32)
+        for _ in range(epochs):
+            for batch in torch.as_tensor(rows)[torch.randperm(len(rows))].split(128):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    head.logits(image_emb[batch], text_emb[batch]), targets[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            return head.logits(image_emb, text_emb).numpy()
+
+    every, left_out = np.arange(len(passes)), groups % 2 == 1
+    in_sample, _ = preference_accuracy(fit(every), groups, passes)
+    scores = fit(np.flatnonzero(~left_out))
+    other_prompts, _ = preference_accuracy(scores[left_out], groups[left_out], passes[left_out])
+    return {"means": "heads fitted to the unseen images' own oracle verdicts: measured on them (in_sample), and "
+                     "fitted on half the unseen prompts, measured on the other half (other_prompts)",
+            "in_sample": round(float(in_sample), 4), "other_prompts": round(float(other_prompts), 4)}
 
 
 def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5.0, flip: float = 0.1,
@@ -129,6 +173,13 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
     accuracy, pairs = {}, 0
     for name, values in scores.items():
         accuracy[name], pairs = preference_accuracy(values.numpy(), groups, passes.numpy())
+    # 4. Probe: is what separates passing from failing images in the embeddings, and does it carry over?
+    from alignloop.trainer.reward_model import embed_texts
+
+    with torch.no_grad():
+        image_emb, text_emb = _image_embeddings(clip, eval_images), embed_texts(clip, texts)
+    probe = generalization_probe(image_emb, text_emb, passes.numpy().astype(bool), groups, seed,
+                                 epochs=40 if quick else 200)
     best = {"random": float(passes.mean()), "clip": best_k_pass_rate(scores["clip"], passes),
             "learned": best_k_pass_rate(scores["learned"], passes), "oracle": best_k_pass_rate(passes, passes)}
 
@@ -156,6 +207,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                 [labels[i] for i in shown_sets[policy]])), 4), "preference_accuracy": round(accuracy[policy], 4),
                         "pass_best4": round(best_k_pass_rate(scores[policy], passes), 4)} for policy in biased}},
         "oracle_pairs": pairs,
+        "generalization_probe": probe,
         "eval_pass_rate": round(float(passes.mean()), 4),
         "training": {name: t.counts for name, t in trained.items()},
         "gap_closed": round((best["learned"] - best["clip"]) / gap, 4) if gap > 0 else None,
@@ -176,6 +228,9 @@ def summary_lines(report: dict) -> list:
     lines.append("selection bias (votes on 4 shown of 16; unseen preference accuracy): " + ", ".join(
         f"{k} {v['preference_accuracy']:.3f} ({v['votes']} votes)" for k, v in report["selection_bias"].items()
         if k != "means"))
+    probe = report["generalization_probe"]
+    lines.append(f"probe, heads fitted to unseen images' oracle verdicts: in-sample {probe['in_sample']:.3f}, "
+                 f"on other prompts {probe['other_prompts']:.3f}")
     if report["gap_closed"] is not None:
         lines.append(f"gap closed (learned - clip) / (oracle - clip): {report['gap_closed']:.3f}")
     return lines

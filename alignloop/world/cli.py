@@ -8,6 +8,8 @@ from alignloop.settings import home
 
 
 def add_commands(sub) -> None:
+    from alignloop.cli import add_config_args
+
     world = sub.add_parser("world", help="the shapes world: train the bundled models, evaluate against the oracle",
                            description="The shapes world: train the bundled tiny models and measure models "
                                        "against the oracle judge.")
@@ -23,7 +25,7 @@ def add_commands(sub) -> None:
                    help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/generator)")
     p.add_argument("--device", default="cpu",
                    help="where to train (default cpu, as the bundled model was; cuda runs the same recipe faster)")
-    _add_config_args(p, GeneratorTrainConfig())
+    add_config_args(p, GeneratorTrainConfig())
     p.set_defaults(func=_train_generator)
 
     p = ws.add_parser("train-clip", help="train the tiny open_clip model (resumable)",
@@ -34,7 +36,7 @@ def add_commands(sub) -> None:
                    help="checkpoints, for resuming (default: $ALIGNLOOP_HOME/train/clip)")
     p.add_argument("--generator", default="shapes-sd-tiny",
                    help="generator whose samples join the training data ('none' for renders only)")
-    _add_config_args(p, ClipTrainConfig())
+    add_config_args(p, ClipTrainConfig())
     p.set_defaults(func=_train_clip)
 
     p = ws.add_parser("restamp-generator", help="stamp a trained generator with this world's signature",
@@ -97,17 +99,6 @@ def add_benchmarks(bench_subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=_bench_generator)
-
-
-def _add_config_args(parser, config) -> None:
-    for field in dataclasses.fields(config):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(config, field.name)
-        if isinstance(default, tuple):  # one value per level: --unet-channels 32 64 96
-            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
-                                help=f"(default {' '.join(map(str, default))})")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
 
 
 def _config_from_args(args, cls):
