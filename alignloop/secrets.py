@@ -17,10 +17,23 @@ def load_secret(name: str) -> bytes:
         return env.encode()
     path = secret_path(name)
     if not path.exists():
+        # Several threads (or workers) may be first at once: each writes a complete key to its own file and
+        # links it into place; one link wins, the others read the winner's. A reader never sees a half-written
+        # key, and nobody fails because another was first.
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(_random.token_hex(32))
+        mine = path.with_name(f".{name}.{os.getpid()}.{_random.token_hex(8)}")
+        fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(_random.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                pass
+        finally:
+            mine.unlink()
     return path.read_text().strip().encode()
 
 
