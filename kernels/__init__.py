@@ -6,7 +6,7 @@ Importing this package stays light (the CLI imports it to register `bench scorer
 loaded on first use (PEP 562), and Triton and onnxruntime only by the backends that use them.
 """
 
-import importlib
+from alignloop import lazy_exports
 
 _EXPORTS = {
     "HeadConfig": "config", "ScorerConfig": "config", "TritonBlocks": "config",
@@ -16,9 +16,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'alignloop.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"alignloop.kernels.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ The trainer (alignloop.trainer.reward_model) trains the head; alignloop.kernels 
 Names load on first use (PEP 562): importing the package does not import torch's kernels or the CLIP.
 """
 
-import importlib
+from alignloop import lazy_exports
 
 _EXPORTS = {
     "RewardHead": "head", "check_embeddings": "head", "NORM_EPS": "head", "save_head": "head",
@@ -27,9 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'alignloop.rewards' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"alignloop.rewards.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
