@@ -24,7 +24,7 @@ def test_kcat_consumes_events_valid_against_published_schemas(kafka_broker, kafk
         producer.emit(generation)
         producer.emit(feedback)
         assert producer.flush(30)
-    for topic, event, schema_file in ((kafka_topics.generations, generation, "alignloop.generation-1.schema.json"),
+    for topic, event, schema_file in ((kafka_topics.generations, generation, "alignloop.generation-2.schema.json"),
                                       (kafka_topics.feedback, feedback, "alignloop.feedback-1.schema.json")):
         result = subprocess.run(
             ["kcat", "-C", "-b", kafka_broker.bootstrap, "-t", topic, "-o", "beginning", "-c", "1", "-e", "-q",
