@@ -105,7 +105,8 @@ class GenerationParams(BaseModel):
 
 
 class GenerationEvent(_Event):
-    """`alignloop.generation/1`: one /generate request answered; keyed by request_id."""
+    """`alignloop.generation/2` (events written as /1 still parse): one /generate request answered; keyed by
+    request_id."""
 
     TOPIC: ClassVar[str] = GENERATIONS_TOPIC
 
