@@ -110,8 +110,7 @@ class GenerationEvent(_Event):
 
     TOPIC: ClassVar[str] = GENERATIONS_TOPIC
 
-    schema_: Literal["alignloop.generation/1", "alignloop.generation/2"] = Field(default=GENERATION_SCHEMA,
-                                                                                   alias="schema")
+    schema_: Literal[GENERATION_SCHEMAS] = Field(default=GENERATION_SCHEMA, alias="schema")
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Unique per event; consumers dedupe on it.")
     ts: AwareDatetime = Field(default_factory=_now, description="When the images were returned (UTC).")
     request_id: Id

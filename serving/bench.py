@@ -48,14 +48,15 @@ def main(args) -> int:
         # 2. HTTP with cross-request batching
         say("[2/3] HTTP, cross-request batching on: sequential latency, then "
             f"{clients} clients x {per_client} requests")
-        with _Server(Path(tmp) / "on", batching=True, steps=steps) as server:
+        head_path = _save_head(Path(tmp) / "bench-head.safetensors")
+        with _Server(Path(tmp) / "on", batching=True, steps=steps, head_path=head_path) as server:
             http_seq = _sequential(server.url, prompts, requests_per_side, steps, guidance)
             before = _pass_stats(server.url)
             on = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
             on["passes"] = _pass_delta(before, _pass_stats(server.url))
         # 3. HTTP without it
         say(f"[3/3] HTTP, cross-request batching off: {clients} clients x {per_client} requests")
-        with _Server(Path(tmp) / "off", batching=False, steps=steps) as server:
+        with _Server(Path(tmp) / "off", batching=False, steps=steps, head_path=head_path) as server:
             before = _pass_stats(server.url)
             off = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
             off["passes"] = _pass_delta(before, _pass_stats(server.url))
@@ -196,8 +197,9 @@ def _pass_delta(before: dict, after: dict) -> dict:
 class _Server:
     """`alignloop serve` on a free loopback port, in its own process group, for the benchmark."""
 
-    def __init__(self, home: Path, batching: bool, steps: int):
+    def __init__(self, home: Path, batching: bool, steps: int, head_path: Path):
         self.home = home
+        self.head_path = head_path  # published live in the server's registry, so that it ranks with a head
         self.batching = batching
         self.steps = steps
 
@@ -205,9 +207,12 @@ class _Server:
         import requests
 
         from alignloop.feedback import broker
+        from alignloop.registry import Registry
 
         self.home.mkdir(parents=True, exist_ok=True)
-        _publish_head(self.home / "registry")
+        Registry(self.home / "registry").publish(
+            "reward", {"head.safetensors": self.head_path}, state="live", who="bench serving",
+            why="time scoring with a head of Lee et al.'s shape (random weights)")
         port = broker.free_port()
         env = {**os.environ, "ALIGNLOOP_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
                "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
@@ -253,16 +258,13 @@ def _head(clip):
     return RewardHead(clip.embed_dim, HEAD_HIDDEN)
 
 
-def _publish_head(registry_dir: Path) -> None:
-    """A live reward head in the server's registry, so that it ranks with a head, not the CLIP score."""
+def _save_head(path: Path) -> Path:
+    """The benchmark's head, saved with the bundled CLIP's hash (what a worker checks before using it)."""
     from alignloop.models import load_clip
-    from alignloop.registry import Registry
     from alignloop.rewards import clip_hash, save_head
 
     clip = load_clip(device="cpu")
-    path = save_head(_head(clip), registry_dir.parent / "bench-head.safetensors", {"clip_hash": clip_hash(clip)})
-    Registry(registry_dir).publish("reward", {"head.safetensors": path}, state="live", who="bench serving",
-                                   why="time scoring with a head of Lee et al.'s shape (random weights)")
+    return save_head(_head(clip), path, {"clip_hash": clip_hash(clip)})
 
 
 def _prompts(count: int) -> list:

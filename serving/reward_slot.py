@@ -51,9 +51,11 @@ class RegistryFollower:
 
     def __init__(self, slot: RewardSlot, registry_url: Optional[str] = None, backend: str = "auto",
                  poll_s: float = 30.0):
+        from alignloop.registry import Registry
+
         self.slot = slot
         self.clip = slot.current()[0].clip  # heads must match the CLIP this worker embeds with
-        self.registry_url = registry_url
+        self.registry = Registry(registry_url)
         self.backend = backend
         self.poll_s = poll_s
         self._refused = {}  # version -> manifest it was refused with, so a bad head is not reloaded every poll
@@ -63,18 +65,15 @@ class RegistryFollower:
     def reconcile(self) -> Optional[str]:
         """One check: loads and swaps in the live head if it is new and sound. Returns the name now current when
         it changed, else None. Never raises for a bad head or an unreachable registry: the current one serves."""
-        from alignloop.registry import Registry
-
         try:
-            registry = Registry(self.registry_url)
-            live = registry.live("reward")
+            live = self.registry.live("reward")
         except Exception as err:  # noqa: BLE001 - an unreachable registry is retried at the next poll
-            log.warning("reward registry %s not readable, keeping %s: %s", self.registry_url, self.slot.current()[1], err)
+            log.warning("reward registry %s not readable, keeping %s: %s", self.registry.url, self.slot.current()[1], err)
             return None
         if live is None or reward_name(live.version) == self.slot.current()[1] or self._refused.get(live.version) == live:
             return None
         try:
-            scorer = self._load_checked(registry, live.version)
+            scorer = self._load_checked(live.version)
         except Exception as err:  # noqa: BLE001 - any failure leaves the current model serving
             self._refused[live.version] = live
             metrics.REWARD_MODEL_SWAPS.labels("refused").inc()
@@ -83,15 +82,11 @@ class RegistryFollower:
         self.slot.swap(scorer, reward_name(live.version))
         return reward_name(live.version)
 
-    def _load_checked(self, registry, version: str):
-        from alignloop.rewards import RewardScorer, clip_hash, load_head, read_head_metadata
+    def _load_checked(self, version: str):
+        from alignloop.rewards import RewardScorer, load_head_for
 
-        path = registry.fetch("reward", version) / "head.safetensors"  # checksums verified
-        head = load_head(path)  # keys, shapes, finite weights
-        trained_on = read_head_metadata(path).get("clip_hash")
-        if trained_on and trained_on != clip_hash(self.clip):
-            raise ValueError(f"reward {version} was trained on another CLIP's embeddings ({trained_on}, this worker's "
-                             f"is {clip_hash(self.clip)})")
+        path = self.registry.fetch("reward", version) / "head.safetensors"  # checksums verified
+        head = load_head_for(path, self.clip)  # keys, shapes, finite weights, the CLIP it was trained on
         scorer = RewardScorer(self.clip, head=head, backend=self.backend)
         size = self.clip.image_size
         smoke = scorer.score(torch.full((2, 3, size, size), 0.5), "a smoke test")

@@ -60,14 +60,6 @@ def _generate(pipe, prompts, seed: int, steps: int, guidance: float, progress: b
     return np.concatenate(chunks)
 
 
-def _image_embeddings(clip, images) -> torch.Tensor:
-    from alignloop.rewards import RewardScorer
-
-    scorer = RewardScorer(clip, backend="torch")
-    return torch.cat([scorer.image_embeddings(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 255)
-                      for i in range(0, len(images), 256)]).float()
-
-
 def best_k_pass_rate(scores: torch.Tensor, passes: torch.Tensor, n: int = PER_PROMPT, k: int = BEST_K) -> float:
     """Mean oracle pass rate of the k best of each group of n consecutive images, by `scores`."""
     from alignloop.kernels import grouped_topk
@@ -174,11 +166,12 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
     for name, values in scores.items():
         accuracy[name], pairs = preference_accuracy(values.numpy(), groups, passes.numpy())
     # 4. Probe: is what separates passing from failing images in the embeddings, and does it carry over?
-    from alignloop.trainer.reward_model import embed_texts
+    from alignloop.rewards.images import select
+    from alignloop.trainer.reward_model import embed_images, embed_texts
 
-    with torch.no_grad():
-        image_emb, text_emb = _image_embeddings(clip, eval_images), embed_texts(clip, texts)
-    probe = generalization_probe(image_emb, text_emb, passes.numpy().astype(bool), groups, seed,
+    image_emb = torch.from_numpy(embed_images(clip, lambda ids: select(eval_images, [int(i) for i in ids]),
+                                              [str(i) for i in range(len(eval_images))]))
+    probe = generalization_probe(image_emb, embed_texts(clip, texts), passes.numpy().astype(bool), groups, seed,
                                  epochs=40 if quick else 200)
     best = {"random": float(passes.mean()), "clip": best_k_pass_rate(scores["clip"], passes),
             "learned": best_k_pass_rate(scores["learned"], passes), "oracle": best_k_pass_rate(passes, passes)}

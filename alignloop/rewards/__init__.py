@@ -20,7 +20,7 @@ from alignloop import lazy_exports
 _EXPORTS = {
     "RewardHead": "head", "check_embeddings": "head", "NORM_EPS": "head", "save_head": "head",
     "load_head": "head", "read_head_metadata": "head",
-    "RewardScorer": "scorer", "clip_hash": "scorer",
+    "RewardScorer": "scorer", "clip_hash": "scorer", "load_head_for": "scorer",
     "get_reward": "functions", "REWARDS": "functions", "dominant_colors": "functions",
     "Images": "images", "check_images": "images", "to_uint8": "images",
 }

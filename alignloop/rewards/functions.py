@@ -92,8 +92,7 @@ def learned_reward(head=None, path=None, version: Optional[str] = None, registry
     default one): its version `version`, or its live reward model. `info["version"]` names the registry
     version (None for a head that does not come from the registry). The head must have been trained on
     embeddings of this `clip`: a head file that records another CLIP's hash is an error."""
-    from alignloop.rewards.head import load_head, read_head_metadata
-    from alignloop.rewards.scorer import RewardScorer, clip_hash
+    from alignloop.rewards.scorer import RewardScorer, load_head_for
 
     # 1. Check inputs: one source
     given = [name for name, value in (("head", head), ("path", path)) if value is not None]
@@ -110,13 +109,8 @@ def learned_reward(head=None, path=None, version: Optional[str] = None, registry
         path = Path(path)
         if path.is_dir():
             path = path / "head.safetensors"
-        head = load_head(path)
+        head = load_head_for(path, clip)
         source["path"] = str(path)
-        meta = read_head_metadata(path)
-        if meta.get("clip_hash") and meta["clip_hash"] != clip_hash(clip):
-            raise ValueError(f"the reward head {path} was trained on embeddings of another CLIP ({meta.get('clip')!r}, "
-                             f"hash {meta['clip_hash']}), not of {clip.name!r} (hash {clip_hash(clip)}): load the "
-                             "CLIP it names, or train a head on this one")
     scorer = RewardScorer(clip, head=head, backend=backend)
 
     def reward(images, prompts, meta=None):
@@ -168,23 +162,19 @@ def oracle_reward() -> RewardFn:
 # color_diversity: a distribution-level reward (Zhang et al. 2024, eq. 12, per image)
 # -------------------------------------------------------------------------------------------------
 
-MIN_OBJECT_PIXELS = 8  # fewer object-colored pixels than this (the oracle's smallest object) is no object
-
-
 def dominant_colors(images: Images) -> list:
-    """Per image, the object color (of the shapes world's palette) covering the most pixels when every
-    pixel is snapped to the nearest palette color (object and background colors), or None when fewer
-    than MIN_OBJECT_PIXELS pixels snap to an object color."""
-    from alignloop.world.render import BACKGROUND_RGB, OBJECT_RGB
+    """Per image, the object color (of the shapes world's palette) covering the most pixels of the objects the
+    oracle reads (`alignloop.world.oracle.read_scene`), or None when it finds no object of an object color."""
+    from alignloop.world.oracle import read_scene
+    from alignloop.world.render import OBJECT_RGB
 
-    names = list(OBJECT_RGB)
-    palette = np.array(list(OBJECT_RGB.values()) + list(BACKGROUND_RGB.values()), np.float32)  # [C, 3]
     out = []
     for image in to_uint8(images):
-        pixels = image.reshape(-1, 3).astype(np.float32)  # [H*W, 3]
-        labels = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)  # [H*W]
-        counts = np.bincount(labels, minlength=len(palette))[:len(names)]
-        out.append(names[int(counts.argmax())] if counts.max() >= MIN_OBJECT_PIXELS else None)
+        pixels = collections.Counter()
+        for name, mask in read_scene(image)[2]:
+            if name in OBJECT_RGB:
+                pixels[name] += int(mask.sum())
+        out.append(pixels.most_common(1)[0][0] if pixels else None)
     return out
 
 

@@ -27,7 +27,7 @@ from alignloop.rewards.head import RewardHead
 from alignloop.rewards.images import Images, to_clip_input
 from alignloop.settings import home
 
-__all__ = ["RewardScorer", "RewardHead", "clip_hash", "grouped_topk"]
+__all__ = ["RewardScorer", "RewardHead", "clip_hash", "grouped_topk", "load_head_for"]
 
 _CLIP_HASHES = weakref.WeakKeyDictionary()  # CLIP module -> its hash, computed once per loaded model
 
@@ -44,6 +44,20 @@ def clip_hash(clip: ClipBundle) -> str:
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         cached = _CLIP_HASHES[clip.model] = digest.hexdigest()[:16]
     return cached
+
+
+def load_head_for(path, clip: ClipBundle) -> RewardHead:
+    """The head saved at `path` (checked by load_head: keys, shapes, finite weights), refused when its file
+    records that it was trained on another CLIP's embeddings than `clip`'s."""
+    from alignloop.rewards.head import load_head, read_head_metadata
+
+    head = load_head(path)
+    trained_on = read_head_metadata(path).get("clip_hash")
+    if trained_on and trained_on != clip_hash(clip):
+        raise ValueError(f"the reward head {path} was trained on embeddings of another CLIP "
+                         f"({read_head_metadata(path).get('clip')!r}, hash {trained_on}), not of {clip.name!r} "
+                         f"(hash {clip_hash(clip)}): load the CLIP it names, or train a head on this one")
+    return head
 
 
 class RewardScorer:

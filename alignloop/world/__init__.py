@@ -18,8 +18,25 @@ from alignloop.world.render import IMAGE_SIZE, Scene, render, render_batch, rend
 __all__ = [
     "BACKGROUNDS", "CATEGORIES", "COLORS", "COUNT_WORDS", "IMAGE_SIZE", "SHAPES", "Prompt", "Scene",
     "SimulatedRater", "Verdict", "all_prompts", "judge", "parse_prompt", "perturb", "render", "render_scene",
-    "sample_prompts", "sample_scene", "split", "world_signature",
+    "sample_prompts", "sample_scene", "split", "renders_signature", "world_signature",
 ]
+
+
+def _fixed_renders() -> tuple:
+    """(every prompt, a fixed render of each): what both signatures below read. Not cached: tests change the
+    renderer to make another world."""
+    prompts = list(all_prompts())
+    images, _ = render_batch(prompts, random.Random(0), avoid_unseen=False)
+    return prompts, images
+
+
+def renders_signature() -> str:
+    """A short hash of the prompts, their splits and the renders alone, without the oracle: what generator
+    training depends on (so a generator survives a change to the oracle only; see restamp_generator)."""
+    prompts, images = _fixed_renders()
+    digest = hashlib.sha256(json.dumps([[p.text, p.unseen] for p in prompts]).encode())
+    digest.update(images.tobytes())
+    return digest.hexdigest()[:12]
 
 
 def world_signature() -> str:
@@ -29,8 +46,7 @@ def world_signature() -> str:
     resumed, nor its models mixed (the CLIP trains on generator samples captioned by the oracle)."""
     from alignloop.world.robustness import blur
 
-    prompts = list(all_prompts())
-    images, _ = render_batch(prompts, random.Random(0), avoid_unseen=False)
+    prompts, images = _fixed_renders()
     readings = []
     for shown in (images, [blur(image, 0.7) for image in images]):
         readings += [dataclasses.astuple(judge(image, prompt)) for image, prompt in zip(shown, prompts)]

@@ -5,8 +5,8 @@ It reads generated images, whose edges are soft and whose colors drift, the way 
 1. Background: the most common background color of the palette (each pixel snapped to its nearest palette
    color); its actual color is the median of those pixels, so a drifted or noisy background still works.
 2. Foreground: every pixel is read as a mix of the background B and one other color c, p ~ B + a*(c - B):
-   c is the palette color (objects' or another background's) whose line from B passes nearest to the pixel, and the pixel is foreground when
-   a >= 1/2. That is the half-way cut through a blurred edge: it puts a soft edge where the crisp one was,
+   c is the palette color (objects' or another background's) whose line from B passes nearest to the
+   pixel, and the pixel is foreground when a >= 1/2. That is the half-way cut through a blurred edge: it puts a soft edge where the crisp one was,
    and colors the edge pixels by the object they belong to instead of by whichever palette entry they
    happen to fall near (a red-on-gray edge pixel is not "brown").
 3. Objects: 4-connected components of the foreground (smaller than MIN_AREA: noise), each colored by its
@@ -204,13 +204,23 @@ def read_object(component: np.ndarray) -> ObjectReading:
     return ObjectReading(shape=shape, fit=round(fit, 4), stretch=round(stretch, 4), clump=clump, objects=objects)
 
 
-def classify_shape(component: np.ndarray) -> str:
-    """The best-fitting shape of one boolean component mask, however well it fits."""
-    return read_object(component).shape
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The judge
+
+
+def read_scene(image: np.ndarray):
+    """(background name, foreground pixel count, objects): each object a (color name, boolean mask [H, W]) for a
+    foreground component of at least MIN_AREA pixels, colored by its pixels' majority (weighted by how solid each
+    pixel is). `image` is a uint8 [H, W, 3] array."""
+    background, foreground, color, amount = _read_pixels(image)
+    labeled, n = ndimage.label(foreground, _CROSS)
+    objects = []
+    for i in range(1, n + 1):
+        member = labeled == i
+        if member.sum() >= MIN_AREA:
+            votes = np.bincount(color[member], weights=np.clip(amount[member], 0, 1), minlength=len(_PALETTE))
+            objects.append((_PALETTE_NAMES[int(votes.argmax())], member))
+    return background, int(foreground.sum()), objects
 
 
 def judge(image, prompt) -> Verdict:
@@ -225,29 +235,19 @@ def judge(image, prompt) -> Verdict:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be HxWx3, got shape {image.shape}")
 
-    # 2. Background and foreground pixels
-    found_background, foreground, color, amount = _read_pixels(image)
-
-    # 3. Objects: foreground components, each with its majority color (weighted by how solid each pixel is)
-    labeled, n = ndimage.label(foreground, _CROSS)
-    objects = []  # (color name, pixel count, reading)
-    for i in range(1, n + 1):
-        member = labeled == i
-        if member.sum() < MIN_AREA:
-            continue
-        votes = np.bincount(color[member], weights=np.clip(amount[member], 0, 1), minlength=len(_PALETTE))
-        objects.append((_PALETTE_NAMES[int(votes.argmax())], int(member.sum()), read_object(member)))
+    # 2. Background, foreground and objects; only the objects the prompt is about are read for shape
+    found_background, foreground_pixels, objects = read_scene(image)
     pixels_by_color = {}
-    for name, pixels, _ in objects:
-        pixels_by_color[name] = pixels_by_color.get(name, 0) + pixels
+    for name, mask in objects:
+        pixels_by_color[name] = pixels_by_color.get(name, 0) + int(mask.sum())
     dominant = max(pixels_by_color, key=pixels_by_color.get) if pixels_by_color else None
-    judged = [reading for name, _, reading in objects if prompt.color is None or name == prompt.color]
+    judged = [read_object(mask) for name, mask in objects if prompt.color is None or name == prompt.color]
 
     # 4. Verdicts
     color_ok = None
     if prompt.color is not None:
         named = pixels_by_color.get(prompt.color, 0)
-        color_ok = bool(judged) and named >= COLOR_PURITY * max(int(foreground.sum()), 1)
+        color_ok = bool(judged) and named >= COLOR_PURITY * max(foreground_pixels, 1)
     singles = [r for r in judged if not r.clump]
     return Verdict(
         count=not any(r.clump for r in judged) and len(judged) == prompt.count,

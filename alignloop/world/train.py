@@ -28,9 +28,9 @@ from alignloop.durable import write_durably
 from alignloop.errors import UserFacingError
 from alignloop.world.config import ClipTrainConfig, GeneratorTrainConfig
 from alignloop.world.evaluate import generate_images
-from alignloop.world.grammar import COLORS, COUNT_WORDS, SHAPES, Prompt, all_prompts, sample_prompts
+from alignloop.world.grammar import COLORS, COUNT_WORDS, SHAPES, Prompt, sample_prompts
 from alignloop.world.oracle import judge
-from alignloop.world import world_signature
+from alignloop.world import renders_signature, world_signature
 from alignloop.world.render import IMAGE_SIZE, render_batch
 
 CHECKPOINT = "checkpoint.pt"
@@ -225,7 +225,7 @@ def train_generator(out_dir: Path, work_dir: Path, config: GeneratorTrainConfig,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out_dir))
     (out_dir / "training.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "world": world, "renders_digest": _renders_digest(),
+        {"config": dataclasses.asdict(config), "world": world, "renders_digest": renders_signature(),
          "vae_reconstruction_pass": state["vae_reconstruction_pass"],
          "log": state["log"]}, indent=1))
     return out_dir
@@ -245,8 +245,9 @@ def restamp_generator(folder: Path, why: str) -> dict:
     world = world_signature()
     if record.get("world") == world:
         return record
+    renders = renders_signature()
     # Records from before the digest was kept cannot be checked; the change that restamps them says why.
-    if record.get("renders_digest") not in (None, _renders_digest()):
+    if record.get("renders_digest") not in (None, renders):
         raise TrainingMismatch(f"{folder} was trained on other prompts or renders; retrain it "
                                "(alignloop world train-generator)")
     vae = load_generator(str(folder), device="cpu").vae
@@ -254,19 +255,10 @@ def restamp_generator(folder: Path, why: str) -> dict:
         {"from": record.get("world"), "to": world, "why": why,
          "vae_reconstruction_pass_before": record.get("vae_reconstruction_pass")}]
     record["world"] = world
-    record["renders_digest"] = _renders_digest()
+    record["renders_digest"] = renders
     record["vae_reconstruction_pass"] = vae_reconstruction_pass_rate(vae, random.Random(0))
     write_durably(record_path, json.dumps(record, indent=1).encode())
     return record
-
-
-def _renders_digest() -> str:
-    """A hash of the prompts and renders alone (no oracle): what generator training depends on."""
-    prompts = list(all_prompts())
-    images, _ = render_batch(prompts, random.Random(0), avoid_unseen=False)
-    digest = hashlib.sha256(json.dumps([[p.text, p.unseen] for p in prompts]).encode())
-    digest.update(images.tobytes())
-    return digest.hexdigest()[:12]
 
 
 def consistent_captions(count: int, shape: str, color, background) -> list:
