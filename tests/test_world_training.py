@@ -92,3 +92,37 @@ def test_clip_training_resumes_and_exports_an_open_clip_folder(tmp_path, capsys)
     assert "resumed from" in capsys.readouterr().out
     clip = models.load_clip(str(tmp_path / "clip"), device="cpu")
     assert clip.encode_texts(["a red circle"]).shape == (1, clip.embed_dim)
+
+
+def test_restamp_keeps_a_generator_whose_renders_are_unchanged_and_refuses_others(tmp_path):
+    import shutil
+
+    from alignloop.world import renders_signature
+    from alignloop.world.train import restamp_generator
+
+    folder = tmp_path / "generator"
+    shutil.copytree(models.bundled_generator_dir(), folder)
+    record = json.loads((folder / "training.json").read_text())
+    (folder / "training.json").write_text(json.dumps({**record, "world": "0123456789ab"}))
+    restamped = restamp_generator(folder, "the oracle changed")
+    assert restamped["world"] == world_signature() and restamped["renders_digest"] == renders_signature()
+    assert restamped["restamped"][-1]["from"] == "0123456789ab" and restamped["restamped"][-1]["why"] == "the oracle changed"
+    assert 0.9 <= restamped["vae_reconstruction_pass"] <= 1.0
+    assert json.loads((folder / "training.json").read_text()) == restamped
+    # A generator trained on other renders must be retrained, not restamped.
+    (folder / "training.json").write_text(json.dumps({**restamped, "world": "0123456789ab", "renders_digest": "ffffffffffff"}))
+    with pytest.raises(TrainingMismatch, match="trained on other prompts or renders"):
+        restamp_generator(folder, "again")
+    with pytest.raises(TrainingMismatch, match="has no training.json"):
+        restamp_generator(tmp_path, "not a generator")
+
+
+def test_oracle_check_command_prints_every_condition(capsys):
+    from alignloop.cli import main
+
+    assert main(["world", "oracle-check", "--images", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"blur_0.7/own_prompt_passes", "touching_pair/count_fails", "stretched/shape_fails"} <= set(report["conditions"])
+    assert report["images"] == 5 and all(row["images"] == 5 for row in report["conditions"].values())
+    assert main(["world", "oracle-check", "--images", "0"]) == 2
+    assert "--images must be >= 1, got 0" in capsys.readouterr().err

@@ -241,6 +241,9 @@ def restamp_generator(folder: Path, why: str) -> dict:
     from alignloop.models import load_generator
 
     record_path = Path(folder) / "training.json"
+    if not record_path.is_file():
+        raise TrainingMismatch(f"{folder} has no training.json: only a generator trained by `alignloop world "
+                               "train-generator` can be restamped")
     record = json.loads(record_path.read_text())
     world = world_signature()
     if record.get("world") == world:
