@@ -35,22 +35,22 @@ def _generate(args) -> int:
     # 2. Load the generator.
     from PIL import Image
 
+    from alignloop.generation import generate
     from alignloop.models import ModelNotFoundError, load_generator
-    from alignloop.world.evaluate import generate_images
 
     try:
         pipe = load_generator(args.generator, device=args.device)
     except ModelNotFoundError as err:
         raise UserFacingError(str(err)) from err
 
-    # 3. Generate, one seed per image, and write.
+    # 3. Generate, one seed per image (the base pipeline: no adapter is loaded), and write.
     seeds = [args.seed + i for i in range(args.n)]
-    images = generate_images(pipe, [prompt] * args.n, seeds, args.steps, args.guidance)
+    images = generate(pipe, [prompt] * args.n, seeds, args.steps, args.guidance, output_type="uint8")
     args.out.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, image in zip(seeds, images):
         path = args.out / f"seed{seed:06d}.png"
         Image.fromarray(image).save(path)
         paths.append(str(path))
-    print(json.dumps({"prompt": prompt, "seeds": seeds, "files": paths}))
+    print(json.dumps({"prompt": prompt, "adapter": None, "seeds": seeds, "files": paths}))  # adapter: the base model
     return 0

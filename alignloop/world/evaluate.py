@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from alignloop.generation import generate
 from alignloop.world.grammar import CATEGORIES, all_prompts, split
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch
@@ -21,12 +22,10 @@ def image_seed(base_seed: int, prompt_index: int, j: int) -> int:
 
 
 def generate_images(pipe, texts, seeds, steps: int, guidance: float, size: int = None) -> np.ndarray:
-    """uint8 [B,H,W,3], H = W = size or the pipeline's own resolution. One torch.Generator per image, so every
-    image is reproducible from its seed alone, whatever it was batched with."""
-    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    out = pipe(list(texts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-               height=size, width=size, output_type="np").images
-    return (out * 255).round().astype(np.uint8)
+    """uint8 [B,H,W,3], H = W = size or the pipeline's own resolution: `alignloop.generation.generate`, whose
+    per-image CPU generators make every image reproducible from its seed alone, whatever it was batched with and
+    on whichever device. Kept for the callers that want uint8 arrays by this name."""
+    return generate(pipe, list(texts), list(seeds), steps, guidance, output_type="uint8", size=size)
 
 
 def time_generation(pipe, images: int = 16, steps: int = 20, guidance: float = 5.0, repeats: int = 5) -> dict:
@@ -68,7 +67,7 @@ def evaluate_generator(pipe, split_name: str = "unseen", per_prompt: int = 4, st
     verdicts = []
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {split_name}", disable=not progress):
         chunk = jobs[start:start + batch_size]
-        images = generate_images(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance)
+        images = generate(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance, output_type="uint8")
         verdicts += [judge(image, p) for image, (p, _) in zip(images, chunk)]
     result = summarize([p for p, _ in jobs], verdicts)
     result.update(split=split_name, prompts=len(prompts), per_prompt=per_prompt, steps=steps, guidance=guidance,
