@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "alignloop.world.cli",
     "alignloop.generate_cli",
     "alignloop.registry_cli",
+    "alignloop.rollout_cli",
     "alignloop.feedback.cli",
     "alignloop.serving.cli",
     "alignloop.kernels.cli",

@@ -1,4 +1,4 @@
-"""Versioned artifacts (reward heads, LoRA adapters) under an fsspec URL: the trainer publishes, serving reads.
+"""Versioned artifacts (reward heads, LoRA adapters, rollouts) under an fsspec URL: trainers publish, serving reads.
 
     from alignloop.registry import Registry
 
@@ -9,11 +9,15 @@
     reg.set_state("reward", m.version, "live", who="guardrail", why="A/B: +4% thumbs-up")
     folder = reg.fetch("reward", reg.live("reward").version)    # local folder, checksums verified
 
+Kinds: "reward" (heads), "adapter" (LoRA adapters) and "rollout" (which adapters serve which share of users;
+alignloop.rollout owns its logic, and publishes every rollout live, so the current one is `latest("rollout", "live")`).
+
 Layout, one folder per version, numbered per kind:
 
     <url>/<kind>/v000001/head.safetensors
     <url>/<kind>/v000001/manifest.json    written last: a version without it is not visible
     <url>/<kind>/.lock                     (local registries) serializes state changes
+    <url>/<kind>/.operation.lock           (local registries) serializes compound changes (see operation_lock)
 
 Guarantees, and how:
 1. A version is visible only when complete. Its number is claimed first (an atomic create of its folder, or of
@@ -59,7 +63,7 @@ from alignloop.settings import home
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["reward", "adapter"]  # issue 13 adds more; every method is generic over the kind
+Kind = Literal["reward", "adapter", "rollout"]  # every method is generic over the kind
 State = Literal["candidate", "canary", "live", "retired"]
 KINDS: tuple[str, ...] = get_args(Kind)
 STATES: tuple[str, ...] = get_args(State)
@@ -156,6 +160,43 @@ class Registry:
         """The live version, or None. Should a crash have left two, the one made live most recently."""
         live = [m for m in self.versions(kind) if m.state == "live"]
         return max(live, key=lambda m: m.history[-1].at, default=None)
+
+    def latest(self, kind: str, state: Optional[str] = None) -> Optional[Manifest]:
+        """The highest-numbered complete version (in `state`, if given), or None.
+
+        Reads manifests from the top number down and stops at the first match, so it costs one listing and one
+        manifest when the match is the newest version (the current rollout always is): cheap enough to poll.
+        """
+        _check_kind(kind)
+        if state is not None:
+            _check_state(state)
+        self._forget_listings()
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._dir(kind), detail=False)]
+        except FileNotFoundError:
+            return None
+        for version in sorted((n for n in names if _VERSION.match(n)), key=_number, reverse=True):
+            try:
+                manifest = self._read_manifest(kind, version)
+            except FileNotFoundError:  # claimed, still being written (or abandoned by a crash): not visible
+                continue
+            if state is None or manifest.state == state:
+                return manifest
+        return None
+
+    def read_file(self, manifest: Manifest, name: str) -> bytes:
+        """One small file of a version, checked against the manifest's sha256 (use fetch for large ones)."""
+        what = f"{manifest.kind} {manifest.version}"
+        if name not in manifest.files:
+            raise RegistryError(f"{what} has no file {name!r}; it has {', '.join(sorted(manifest.files))}")
+        try:
+            data = self.fs.cat_file(f"{self._dir(manifest.kind, manifest.version)}/{name}")
+        except FileNotFoundError:
+            raise RegistryError(f"{what}: file {name!r} is missing from {self.url}") from None
+        digest, expected = hashlib.sha256(data).hexdigest(), manifest.files[name]
+        if digest != expected:
+            raise RegistryError(_mismatch(manifest.kind, manifest.version, name, self.url, digest, expected))
+        return data
 
     def fetch(self, kind: str, version: str) -> Path:
         """A local folder holding the version's files, every checksum verified.
@@ -262,6 +303,16 @@ class Registry:
         log.info("%s %s is now %s (%s: %s)", kind, version, state, who, why)
         return updated
 
+    @contextmanager
+    def operation_lock(self, kind: str):
+        """Hold this while a change spans several calls that must not interleave with another such change (the
+        rollout's: adapter states, then a new rollout version). It is a lock of its own, apart from the one
+        publish and set_state take inside, so those can be called while holding it. Same reach as the state
+        lock: across processes on a local folder, within one process otherwise."""
+        _check_kind(kind)
+        with self._file_lock(kind, "operation", ".operation.lock"):
+            yield
+
     # -- internals ------------------------------------------------------------------------------------------
 
     def _dir(self, kind: str, version: Optional[str] = None) -> str:
@@ -349,16 +400,19 @@ class Registry:
                 self._write_manifest(_transition(other, "retired", who,
                                                  f"replaced by {successor.version} as live: {why}"))
 
-    @contextmanager
     def _state_lock(self, kind: str):
         """Serialize read-modify-write of manifests: across processes on a local folder, within one otherwise."""
-        with _process_lock(self.url, kind, "state"):
+        return self._file_lock(kind, "state", ".lock")
+
+    @contextmanager
+    def _file_lock(self, kind: str, purpose: str, file_name: str):
+        with _process_lock(self.url, kind, purpose):
             if not self.local:
                 yield
                 return
             kind_dir = Path(self._dir(kind))
             kind_dir.mkdir(parents=True, exist_ok=True)
-            with open(kind_dir / ".lock", "w") as lock:
+            with open(kind_dir / file_name, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                 yield
 

@@ -14,7 +14,7 @@ _REGISTRY_HELP = "fsspec URL or local folder (default: ALIGNLOOP_REGISTRY, else 
 
 def add_commands(subparsers) -> None:
     registry = subparsers.add_parser(
-        "registry", help="versioned artifacts (reward heads, LoRA adapters): list, show",
+        "registry", help="versioned artifacts (reward heads, LoRA adapters, rollouts): list, show",
         description="Each version is a folder with its files and a manifest (lineage, training data, metrics, "
                     "state: candidate / canary / live / retired), visible only once complete.")
     rsub = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
@@ -22,7 +22,7 @@ def add_commands(subparsers) -> None:
     p = rsub.add_parser("list", help="complete versions as a table: kind, version, state, created, parent, headline",
                         description="Complete versions, oldest first per kind. The headline is the first entry of "
                                     "a version's metrics.")
-    p.add_argument("--kind", default=None, help="only this kind, e.g. reward or adapter (default: every kind)")
+    p.add_argument("--kind", default=None, help="only this kind: reward, adapter or rollout (default: every kind)")
     p.add_argument("--registry", default=None, help=_REGISTRY_HELP)
     p.add_argument("--json", action="store_true", help="print the manifests as one JSON array instead of a table")
     p.set_defaults(func=_list)
@@ -30,7 +30,7 @@ def add_commands(subparsers) -> None:
     p = rsub.add_parser("show", help="one version's manifest as JSON",
                         description="Prints the manifest: lineage, base models, training data, config, metrics, "
                                     "state and its history (who, why, when), file checksums.")
-    p.add_argument("kind", help="artifact kind, e.g. reward or adapter")
+    p.add_argument("kind", help="artifact kind: reward, adapter or rollout")
     p.add_argument("version", help="version, e.g. v000003")
     p.add_argument("--registry", default=None, help=_REGISTRY_HELP)
     p.set_defaults(func=_show)
@@ -49,11 +49,16 @@ def _list(args) -> int:
         return 0
     rows = [("KIND", "VERSION", "STATE", "CREATED (UTC)", "PARENT", "HEADLINE")]
     rows += [(m.kind, m.version, m.state, m.created_at.strftime("%Y-%m-%d %H:%M"), m.parent or "-",
-              _headline(m.metrics)) for m in manifests]
+              headline(m.metrics)) for m in manifests]
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[tuple]) -> None:
+    """Left-aligned columns, the first row the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return 0
 
 
 def _show(args) -> int:
@@ -63,7 +68,7 @@ def _show(args) -> int:
     return 0
 
 
-def _headline(metrics: dict) -> str:
+def headline(metrics: dict) -> str:
     """The first metric, by convention the one its publisher cares most about."""
     if not metrics:
         return "-"

@@ -359,3 +359,65 @@ def test_cli_errors_and_empty_registry(tmp_path, capsys, monkeypatch):
             main(command + ["--help"])
         assert exit.value.code == 0
         assert capsys.readouterr().out.startswith("usage: alignloop " + " ".join(command))
+
+
+# -- latest, read_file, operation_lock (what alignloop.rollout builds on) ----------------------------------------
+
+
+def test_latest_answers_the_newest_complete_version_in_a_state(url):
+    reg = Registry(url)
+    assert reg.latest("rollout") is None and reg.latest("reward", "live") is None
+    v1, v2, v3 = _publish(reg, b"1"), _publish(reg, b"2", state="live"), _publish(reg, b"3")
+    assert reg.latest("reward") == v3
+    assert reg.latest("reward", "live") == v2 and reg.latest("reward", "retired") is None
+    reg.set_state("reward", v1.version, "live", who="op", why="back")
+    assert reg.latest("reward", "live").version == v1.version  # the highest live number, not the newest promotion
+    reg.fs.makedirs(f"{reg.root}/reward/v000009", exist_ok=True)  # a claimed number whose publish never finished
+    reg.fs.pipe_file(f"{reg.root}/reward/v000009/.claim", b"x")
+    assert reg.latest("reward").version == "v000003"
+    with pytest.raises(RegistryError, match="unknown kind 'dataset'"):
+        reg.latest("dataset")
+    with pytest.raises(RegistryError, match="state must be one of"):
+        reg.latest("reward", "dead")
+
+
+def test_read_file_checks_the_checksum(url):
+    reg = Registry(url)
+    m = reg.publish(kind="rollout", files={"rollout.json": b'{"arms": []}'}, who="t", why="w")
+    assert reg.read_file(m, "rollout.json") == b'{"arms": []}'
+    with pytest.raises(RegistryError, match=r"rollout v000001 has no file 'other.json'; it has rollout.json"):
+        reg.read_file(m, "other.json")
+    _corrupt(reg, "rollout", "v000001", "rollout.json")
+    with pytest.raises(RegistryError, match=r"rollout v000001: file 'rollout.json' in .* is corrupt"):
+        reg.read_file(m, "rollout.json")
+
+
+def test_operation_lock_serializes_compound_changes_and_admits_set_state_inside(tmp_path):
+    url = str(tmp_path / "registry")
+    reg = Registry(url)
+    _publish(reg, b"1")
+    order = []
+    inside = threading.Event()
+
+    def second():
+        inside.wait(10)
+        with Registry(url).operation_lock("reward"):
+            order.append("second")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with reg.operation_lock("reward"):
+        inside.set()
+        reg.set_state("reward", "v000001", "live", who="op", why="inside the lock")  # its own lock: no deadlock
+        _publish(reg, b"2")
+        thread.join(0.5)
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+    script = ("import sys; from alignloop.registry import Registry\n"
+              "with Registry(sys.argv[1]).operation_lock('reward'): print('got it')")
+    with reg.operation_lock("reward"):  # another process waits for it too
+        proc = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)
+    assert proc.communicate(timeout=60)[0] == "got it\n"
