@@ -1,18 +1,31 @@
-"""Which A/B arm serves a user: one small function, so the rollout issue can replace the policy here.
+"""Which A/B arm serves a user: sticky per user within a rollout, reshuffled by each new rollout.
 
-Sticky by user: the bucket comes from the keyed user hash, so a user keeps their arm across requests and
-workers without any shared state. Anonymous requests are spread at random (they cannot be sticky).
-Until adapters exist there is one arm, "A", serving the base model ("base").
+    arm = assign_arm(user_hash, table.arms, table.rollout_id)
+
+The bucket is a hash of (rollout id, user key), so a user keeps their arm across requests and workers without
+shared state, and each new rollout draws a new B population: otherwise the same users would be the guinea
+pigs of every canary, and arm B's thumbs would measure those users as much as the adapter.
+
+Anonymous browser users are sticky too: GET /ui sets a signed cookie (`alignloop_anon`, HttpOnly,
+SameSite=Lax) carrying a random anonymous id; /generate routes by it when the body has no user_id. The id is
+used for routing only: events of anonymous requests still carry no user hash. Requests with neither are
+spread at random.
 """
 
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
+from alignloop.secrets import load_secret
 from alignloop.serving.config import ArmSpec
 
 _BUCKETS = 10_000
+ANON_COOKIE = "alignloop_anon"
+ANON_COOKIE_MAX_AGE_S = 365 * 24 * 3600
+_COOKIE_DOMAIN = b"alignloop.anon-cookie.v1."  # binds the MAC to this use of the key
 
 
 @dataclass(frozen=True)
@@ -21,13 +34,15 @@ class Arm:
     adapter: str  # adapter version the arm serves; "base" = none
 
 
-def assign_arm(user_hash: Optional[str], arms: Sequence[ArmSpec]) -> Arm:
-    """The arm for this user (hash_user_id(user_id)), or a random one for anonymous requests."""
-    if user_hash is None:
+def assign_arm(user_key: Optional[str], arms: Sequence[ArmSpec], rollout_id: str = "") -> Arm:
+    """The arm for this user key (hash_user_id(user_id), or an anonymous cookie's id) in this rollout, or a random
+    one when there is no key."""
+    if user_key is None:
         bucket = secrets.randbelow(_BUCKETS)
     else:
-        # Re-hash with a purpose string: the bucket must not correlate with other uses of the user hash.
-        digest = hashlib.sha256(b"alignloop.arm." + user_hash.encode()).digest()
+        # Re-hash with a purpose string and the rollout id: the bucket must not correlate with other uses of the
+        # user hash, nor with the user's bucket in earlier rollouts.
+        digest = hashlib.sha256(b"alignloop.arm." + rollout_id.encode() + b"." + user_key.encode()).digest()
         bucket = int.from_bytes(digest[:8], "big") % _BUCKETS
     edge = 0.0
     for spec in arms:
@@ -35,3 +50,30 @@ def assign_arm(user_hash: Optional[str], arms: Sequence[ArmSpec]) -> Arm:
         if bucket < edge:
             return Arm(spec.name, spec.adapter)
     return Arm(arms[-1].name, arms[-1].adapter)  # float rounding at the top edge
+
+
+# -- the anonymous cookie ----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def cookie_key() -> bytes:
+    return load_secret("anon_cookie_key")
+
+
+def mint_anon_cookie(key: Optional[bytes] = None) -> str:
+    """A new signed cookie value: `<anonymous id>.<hmac>`."""
+    anon_id = secrets.token_hex(16)
+    return f"{anon_id}.{_sign(key or cookie_key(), anon_id)}"
+
+
+def anon_id_from_cookie(value: Optional[str], key: Optional[bytes] = None) -> Optional[str]:
+    """The anonymous id of a cookie we signed, else None (absent, altered or forged: route at random)."""
+    if not value or len(value) > 200 or value.count(".") != 1:
+        return None
+    anon_id, signature = value.split(".")
+    if not hmac.compare_digest(signature, _sign(key or cookie_key(), anon_id)):
+        return None
+    return anon_id
+
+
+def _sign(key: bytes, anon_id: str) -> str:
+    return hmac.new(key, _COOKIE_DOMAIN + anon_id.encode(), hashlib.sha256).hexdigest()

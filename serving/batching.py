@@ -7,10 +7,17 @@ they submit their n candidates here and wait on a future:
     batcher = DiffusionBatcher(pipe, max_batch_images=64, wait_ms=5)
     images = batcher.submit(prompt, seeds, steps=20, guidance=7.5).result()   # [n, 3, H, W] float32 in [0, 1], CPU
 
-Each pass takes candidates in arrival order from requests with the same (steps, guidance) (a pass runs one
-denoising schedule with one guidance scale), up to `max_batch_images`; a request with more candidates than
-that is split over passes. Prompts may differ within a pass: the pipeline takes one prompt per image.
-Every candidate has its own CPU torch.Generator seeded with its own seed, so its starting noise, and with
+Each pass takes candidates in arrival order from requests with the same (steps, guidance, adapter) (a pass
+runs one denoising schedule with one guidance scale and one set of UNet weights), up to `max_batch_images`; a
+request with more candidates than that is split over passes.
+
+Adapters: the pass key names the LoRA adapter version ("base" = none) and `activate(adapter)` is called on this
+thread right before the pipeline call, so a pass is drawn by exactly the weights its requests were routed to.
+Anything that changes the pipeline's weights (loading, hot-swapping, evicting an adapter) is handed to this
+thread with `call(fn)` and runs between passes: peft's hot-swap copies weights layer by layer, so it must
+never overlap a forward pass, and loading makes the new adapter the active one. Prompts may differ within a pass: the pipeline takes one prompt per image.
+Every candidate has its own CPU torch.Generator seeded with its own seed (alignloop.generation.generate, the path
+world eval and the trainers use too), so its starting noise, and with
 DDIM (eta = 0) its image, do not depend on which other images share the pass. (Floating-point results of a
 batched convolution can differ in the last bits between batch sizes; images agree to well within one
 8-bit level.) CPU generators also make a seed give the same noise on CPU and CUDA.
@@ -28,6 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
+from alignloop.generation import generate
+
 
 @dataclass(eq=False)
 class _Job:
@@ -37,6 +46,7 @@ class _Job:
     guidance: float
     future: Future
     submitted_at: float
+    adapter: str = "base"  # LoRA adapter version that draws it; "base" = none
     images: list = field(default_factory=list)  # per candidate: tensor [3, H, W] once sampled
     taken: int = 0  # candidates handed to passes so far
     done: int = 0  # candidates sampled so far
@@ -45,7 +55,7 @@ class _Job:
 
     @property
     def key(self) -> tuple:
-        return (self.steps, self.guidance)
+        return (self.steps, self.guidance, self.adapter)
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,10 @@ class SampledImages:
 
 class DiffusionBatcher:
     def __init__(self, pipeline, max_batch_images: int = 64, wait_ms: float = 5.0, cross_request: bool = True,
-                 on_pass: Optional[Callable[[int, int, float], None]] = None):
-        """`on_pass(images, requests, seconds)` is called after each pass (metrics)."""
+                 on_pass: Optional[Callable[[int, int, float], None]] = None,
+                 activate: Optional[Callable[[str], None]] = None):
+        """`on_pass(images, requests, seconds)` is called after each pass (metrics); `activate(adapter)` before each
+        pass, on this thread (serving.adapter_slots.AdapterSlots.activate)."""
         if max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
         self.pipeline = pipeline
@@ -66,19 +78,25 @@ class DiffusionBatcher:
         self.wait_s = max(0.0, wait_ms) / 1000
         self.cross_request = cross_request
         self._on_pass = on_pass
+        self.activate = activate
+        self._calls: collections.deque = collections.deque()  # (fn, future): run between passes
         self._queue: collections.deque[_Job] = collections.deque()  # jobs with candidates not yet taken
         self._cond = threading.Condition()
         self._closing = False
         self.passes = 0  # forward passes run (for tests and the benchmark)
+        self._in_pass: set = set()  # adapters of the pass running now
         self._thread = threading.Thread(target=self._run, name="alignloop-diffusion-batcher", daemon=True)
         self._thread.start()
 
     # -- the requests' side ---------------------------------------------------------------------------------
 
-    def submit(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "Future[SampledImages]":
+    def submit(self, prompt: str, seeds: list[int], steps: int, guidance: float,
+               adapter: str = "base") -> "Future[SampledImages]":
         if not seeds:
             raise ValueError("seeds must hold one seed per candidate (at least one)")
-        job = _Job(prompt, list(seeds), int(steps), float(guidance), Future(), time.monotonic())
+        if adapter != "base" and self.activate is None:
+            raise ValueError(f"adapter {adapter!r} asked of a batcher that serves the base model only")
+        job = _Job(prompt, list(seeds), int(steps), float(guidance), Future(), time.monotonic(), adapter)
         job.images = [None] * len(seeds)
         with self._cond:
             if self._closing:
@@ -86,6 +104,22 @@ class DiffusionBatcher:
             self._queue.append(job)
             self._cond.notify()
         return job.future
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the batcher thread between two passes (before any pass not yet started); its result or
+        exception lands in the returned future. For everything that changes the pipeline's weights."""
+        future = Future()
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the batcher is closed")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def pending_adapters(self) -> set:
+        """Adapters of requests queued or in a pass now (call from the batcher thread, e.g. inside `call`)."""
+        with self._cond:
+            return {job.adapter for job in self._queue} | self._in_pass
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish the queued work, then stop the thread."""
@@ -103,15 +137,34 @@ class DiffusionBatcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._calls and not self._closing:
                     self._cond.wait()
-                if not self._queue:
+                if self._calls:
+                    call = self._calls.popleft()
+                    slots = None
+                elif not self._queue:
                     return  # closing and drained
-                # Group simultaneous arrivals: if the pass would not be full, give others a moment to join.
-                if self.wait_s and self.cross_request and self._waiting_images() < self.max_batch_images:
-                    self._cond.wait(self.wait_s)
-                slots = self._take()
-            self._run_pass(slots)
+                else:
+                    # Group simultaneous arrivals: if the pass would not be full, give others a moment to join.
+                    if self.wait_s and self.cross_request and self._waiting_images() < self.max_batch_images:
+                        self._cond.wait(self.wait_s)
+                    slots = self._take()
+                    self._in_pass = {job.adapter for job, _, _ in slots}
+            if slots is None:
+                self._run_call(*call)
+            else:
+                self._run_pass(slots)
+                with self._cond:
+                    self._in_pass = set()
+
+    @staticmethod
+    def _run_call(fn, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            future.set_exception(err)
 
     def _waiting_images(self) -> int:
         key = self._queue[0].key
@@ -142,22 +195,21 @@ class DiffusionBatcher:
         slots = [s for s in slots if not s[0].future.done()]  # a job that already failed
         if not slots:
             return
-        # 1. One prompt and one generator per candidate
-        prompts, generators = [], []
+        # 1. One prompt and one seed per candidate
+        prompts, seeds = [], []
         for job, first, stop in slots:
             prompts += [job.prompt] * (stop - first)
-            generators += [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds[first:stop]]
-        steps, guidance = slots[0][0].key
+            seeds += job.seeds[first:stop]
+        steps, guidance, adapter = slots[0][0].key
         started = time.monotonic()
         for job, _, _ in slots:
             if job.started_at is None:
                 job.started_at = started
-        # 2. Denoise and decode
+        # 2. The pass's adapter, then denoise and decode
         try:
-            with torch.inference_mode():
-                out = self.pipeline(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
-                                    generator=generators, output_type="pt")
-            images = out.images.float().cpu()  # [B, 3, H, W] in [0, 1]
+            if self.activate is not None:
+                self.activate(adapter)
+            images = generate(self.pipeline, prompts, seeds, steps, guidance)  # [B, 3, H, W] in [0, 1], CPU
         except Exception as err:  # fail the requests of this pass, keep serving the others
             for job, _, _ in slots:
                 if not job.future.done():
@@ -170,7 +222,7 @@ class DiffusionBatcher:
         elapsed = time.monotonic() - started
         self.passes += 1
         if self._on_pass:
-            self._on_pass(len(prompts), len(slots), elapsed)
+            self._on_pass(len(prompts), len(slots), elapsed, adapter)
         # 3. Hand each request its images; complete the requests that have all of theirs
         offset = 0
         for job, first, stop in slots:

@@ -13,7 +13,8 @@ def add_commands(subparsers) -> None:
                     "Open http://HOST:PORT/ui for the web page, /docs.json for the OpenAPI spec.")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 3000)), help="TCP port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own models (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, each with its own models (default 1, or $ALIGNLOOP_SERVE_WORKERS)")
     p.add_argument("--generator", default=None, help="bundled name, diffusers folder or hub id (default shapes-sd-tiny)")
     p.add_argument("--clip", default=None, help="bundled name, open_clip folder or architecture (default shapes-clip-tiny)")
     p.add_argument("--clip-checkpoint", default=None, help="local checkpoint for an open_clip architecture name")
@@ -36,13 +37,27 @@ def add_benchmarks(bench_subparsers) -> None:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients in the throughput test")
     p.set_defaults(func=_bench)
 
+    p = bench_subparsers.add_parser(
+        "swap", help="adapter hot-swap: validation and switch time, p99 latency during swaps, memory over 50 swaps",
+        description="In-process: 50 adapter swaps through the worker's slots (validation and switch time, resident "
+                    "memory). Over HTTP with 8 clients: one arm, two arms (a 50%% canary) and one arm while the live "
+                    "adapter is swapped; failed requests and p99 latency during swaps vs without (the ratio). "
+                    "Prints one JSON object on its last line.")
+    p.add_argument("--quick", action="store_true", help="shorter phases, fewer steps (CI smoke run)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, quick 4)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    p.add_argument("--swaps", type=int, default=50, help="in-process swaps (default 50)")
+    p.add_argument("--phase-s", type=float, default=None, help="seconds per HTTP phase (default 40, quick 12)")
+    p.set_defaults(func=_bench_swap)
+
 
 def serving_config_from_args(args):
     from alignloop.errors import UserFacingError
     from alignloop.serving.config import ServingConfig
 
-    changes = {"workers": args.workers}
-    for name in ("generator", "clip", "clip_checkpoint", "device", "max_batch_images"):
+    changes = {}
+    for name in ("workers", "generator", "clip", "clip_checkpoint", "device", "max_batch_images"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -69,6 +84,12 @@ def _serve(args) -> int:
     print(f"alignloop: serving on http://{args.host}:{args.port}/ui ({config.workers} worker(s), "
           f"generator {config.generator}, clip {config.clip})", file=sys.stderr, flush=True)
     os.execvpe(command[0], command, env)
+
+
+def _bench_swap(args) -> int:
+    from alignloop.serving.bench_swap import main
+
+    return main(args)
 
 
 def _bench(args) -> int:

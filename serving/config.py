@@ -6,6 +6,7 @@ each worker reads them back with `ServingConfig.from_env()`. Unset variables kee
 """
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, fields
 
@@ -66,8 +67,14 @@ class ServingConfig:
     vote_ledger: str = ""  # SQLite file that makes votes idempotent across workers; "" = <ALIGNLOOP_HOME>/serving/votes.sqlite
     flush_on_shutdown_s: float = 5.0  # on worker shutdown, wait this long for Kafka acks before spooling (s)
 
-    # -- A/B arms (a later issue adds real adapters; until then one arm serves the base model) ---------------
+    # -- adapters and A/B arms -------------------------------------------------------------------------------
+    # The arms served while the registry holds no rollout; once one is published every worker follows it.
     arms: tuple = field(default=(ArmSpec("A", "base", 1.0),))
+    rollout_poll_s: float = 0.5  # how often each worker reads the registry's current rollout (seconds)
+    max_adapters: int = 3  # LoRA adapters resident per worker: live, canary, the previous live (instant rollback)
+    max_adapter_rank: int = 16  # adapters of a higher LoRA rank are refused; slots are padded to it
+    # Largest adapter file POST /admin/adapters accepts (bytes); SD-1.5 LoRAs of rank 64 are ~100 MB.
+    max_adapter_upload_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self):
         if self.workers < 1:
@@ -84,6 +91,12 @@ class ServingConfig:
             raise ValueError(f"reward_poll_s must be > 0 seconds, got {self.reward_poll_s}")
         if self.token_ttl_s < 1:
             raise ValueError(f"token_ttl_s must be >= 1 second, got {self.token_ttl_s}")
+        if self.rollout_poll_s <= 0:
+            raise ValueError(f"rollout_poll_s must be > 0 seconds, got {self.rollout_poll_s}")
+        if not 1 <= self.max_adapters <= 100:
+            raise ValueError(f"max_adapters must be in 1..100, got {self.max_adapters}")
+        if self.max_adapter_rank < 1:
+            raise ValueError(f"max_adapter_rank must be >= 1, got {self.max_adapter_rank}")
         if not self.arms or abs(sum(a.share for a in self.arms) - 1.0) > 1e-6:
             raise ValueError(f"arm shares must sum to 1, got {[(a.name, a.share) for a in self.arms]}")
 
@@ -93,9 +106,10 @@ class ServingConfig:
         """The ALIGNLOOP_SERVE_* variables that make `from_env()` in a worker return this config."""
         env = {}
         for f in fields(self):
-            if f.name == "arms":
-                continue
             value = getattr(self, f.name)
+            if f.name == "arms":  # a list of objects: JSON
+                env[ENV_PREFIX + "ARMS"] = json.dumps([dataclasses.asdict(a) for a in value])
+                continue
             env[ENV_PREFIX + f.name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return env
 
@@ -105,7 +119,10 @@ class ServingConfig:
         values = {}
         for f in fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is None or f.name == "arms":
+            if raw is None:
+                continue
+            if f.name == "arms":
+                values["arms"] = _arms_from_json(raw)
                 continue
             kind = type(f.default)
             try:
@@ -120,3 +137,13 @@ class ServingConfig:
 
     def replace(self, **changes) -> "ServingConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _arms_from_json(raw: str) -> tuple:
+    """ALIGNLOOP_SERVE_ARMS: a JSON list of {"name", "adapter", "share"}."""
+    try:
+        arms = tuple(ArmSpec(str(a["name"]), str(a["adapter"]), float(a["share"])) for a in json.loads(raw))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{ENV_PREFIX}ARMS must be a JSON list of {{\"name\", \"adapter\", \"share\"}} objects, "
+                         f"got {raw!r} ({err})") from None
+    return arms

@@ -18,6 +18,7 @@ import torch
 from alignloop.events import FeedbackEvent, GeneratedImage, GenerationEvent, GenerationParams, hash_user_id
 from alignloop.feedback.producer import EventSink
 from alignloop.serving import metrics
+from alignloop.serving.adapter_slots import CONFIG_ROLLOUT, RoutingTable
 from alignloop.serving.arms import assign_arm
 from alignloop.serving.config import ServingConfig
 from alignloop.serving.sampler import BestOfN
@@ -30,7 +31,8 @@ log = logging.getLogger("alignloop.serving")
 
 
 class SamplerLike(Protocol):
-    def sample(self, prompt: str, n: int, k: int, steps: int, guidance: float, seed: Optional[int]) -> BestOfN: ...
+    def sample(self, prompt: str, n: int, k: int, steps: int, guidance: float, seed: Optional[int],
+               adapter: str = "base") -> BestOfN: ...
 
 
 class ImageStoreLike(Protocol):
@@ -48,18 +50,23 @@ class ServingCore:
     token_key: bytes
     config: ServingConfig
     clock: Callable[[], float] = time.time  # token expiry; tests move it
+    # The routing table now (serving.adapter_slots.RolloutFollower.table); None: the config's arms.
+    routing: Optional[Callable[[], RoutingTable]] = None
 
-    def generate(self, req: GenerateRequest) -> GenerateResponse:
+    def generate(self, req: GenerateRequest, anon_id: Optional[str] = None) -> GenerateResponse:
+        """`anon_id`: the anonymous id of the /ui cookie, which routes a request without a user id."""
         started = time.monotonic()
-        # 1. Route: the user's arm decides the adapter (sticky by hashed user id)
+        # 1. Route: the user's arm in the current rollout decides the adapter (sticky by hashed user id, or by
+        #    the anonymous cookie); the table is read once, so one rollout routes the whole request.
         user_hash = hash_user_id(req.user_id) if req.user_id else None
-        arm = assign_arm(user_hash, self.config.arms)
+        table = self.routing() if self.routing else RoutingTable(CONFIG_ROLLOUT, tuple(self.config.arms))
+        arm = assign_arm(user_hash or (f"anon:{anon_id}" if anon_id else None), table.arms, table.rollout_id)
         steps = req.steps if req.steps is not None else self.config.default_steps
         guidance = req.guidance if req.guidance is not None else self.config.default_guidance
         request_id = f"req-{uuid.uuid4().hex}"
 
         # 2. Sample n, score, keep the best k
-        best = self.sampler.sample(req.prompt, req.n, req.k, steps, guidance, req.seed)
+        best = self.sampler.sample(req.prompt, req.n, req.k, steps, guidance, req.seed, adapter=arm.adapter)
 
         # 3. Store the k images
         t_store = time.monotonic()
@@ -71,7 +78,7 @@ class ServingCore:
         t_produce = time.monotonic()
         self.sink.emit(GenerationEvent(
             request_id=request_id, user_hash=user_hash, prompt=req.prompt, arm=arm.name,
-            adapter_version=arm.adapter,
+            adapter_version=best.adapter,
             params=GenerationParams(n=req.n, k=req.k, steps=steps, guidance=float(guidance), seed=best.seed),
             images=[GeneratedImage(image_id=i, uri=u, rank=r + 1, reward=best.rewards[r],
                                    candidate_index=best.indices[r], seed=best.seeds[r],
@@ -87,7 +94,7 @@ class ServingCore:
         images = [
             ImageResult(image_id=image_id, image=base64.b64encode(png).decode(), reward=best.rewards[r], rank=r + 1,
                         candidate_index=best.indices[r], seed=best.seeds[r], feedback_token=mint(self.token_key, TokenClaims(image_id, request_id, digest, arm.name,
-                                                                        arm.adapter, expires_at)))
+                                                                        best.adapter, expires_at)))
             for r, (image_id, png) in enumerate(zip(image_ids, pngs))
         ]
         timings = Timings(queue_ms=_ms(best.queue_s), sampling_ms=_ms(best.sampling_s),
@@ -99,11 +106,12 @@ class ServingCore:
         metrics.observe_generation(arm.name, req.n, req.k, best.rewards,
                                    [r for i, r in enumerate(best.candidate_rewards) if i not in chosen],
                                    timings.model_dump())
-        log_event("generate", request_id=request_id, user=_short(user_hash), arm=arm.name, adapter=arm.adapter,
+        log_event("generate", request_id=request_id, user=_short(user_hash), arm=arm.name, adapter=best.adapter,
+                  rollout=table.rollout_id,
                   n=req.n, k=req.k, steps=steps, guidance=guidance, seed=best.seed, reward_model=best.reward_model,
                   explored=best.explored,
                   top_reward=round(best.rewards[0], 4), **{k: round(v, 1) for k, v in timings.model_dump().items()})
-        return GenerateResponse(request_id=request_id, arm=arm.name, adapter=arm.adapter,
+        return GenerateResponse(request_id=request_id, arm=arm.name, adapter=best.adapter, rollout=table.rollout_id,
                                 reward_model=best.reward_model, seed=best.seed, n=req.n,
                                 k=req.k, steps=steps, guidance=float(guidance), images=images, timings=timings)
 
@@ -128,9 +136,9 @@ class ServingCore:
         if is_new:
             self.sink.emit(event)
         outcome = "accepted" if is_new else "duplicate"
-        metrics.VOTES.labels(claims.arm, req.vote, outcome).inc()
+        metrics.VOTES.labels(claims.arm, claims.adapter, req.vote, outcome).inc()
         log_event("feedback", request_id=claims.request_id, image_id=claims.image_id, user=_short(user_hash),
-                  arm=claims.arm, vote=req.vote, outcome=outcome, event_id=event_id)
+                  arm=claims.arm, adapter=claims.adapter, vote=req.vote, outcome=outcome, event_id=event_id)
         return FeedbackResponse(event_id=event_id, status=outcome, image_id=claims.image_id, vote=req.vote)
 
 

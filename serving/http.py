@@ -152,8 +152,15 @@ _SECURITY_HEADERS = {"Content-Security-Policy": _CSP, "X-Content-Type-Options": 
                      "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
-async def _page(_request):
-    return HTMLResponse((STATIC / "ui.html").read_text(), headers=_SECURITY_HEADERS)
+async def _page(request):
+    """The page; a browser without a valid anonymous cookie gets one, so its arm is sticky (serving/arms.py)."""
+    from alignloop.serving.arms import ANON_COOKIE, ANON_COOKIE_MAX_AGE_S, anon_id_from_cookie, mint_anon_cookie
+
+    response = HTMLResponse((STATIC / "ui.html").read_text(), headers=_SECURITY_HEADERS)
+    if anon_id_from_cookie(request.cookies.get(ANON_COOKIE)) is None:
+        response.set_cookie(ANON_COOKIE, mint_anon_cookie(), max_age=ANON_COOKIE_MAX_AGE_S, path="/", httponly=True,
+                            samesite="lax", secure=request.url.scheme == "https")
+    return response
 
 
 def _asset(name: str, media_type: str):

@@ -20,7 +20,14 @@ REQUEST_K = Histogram("alignloop_serving_request_k", "Candidates returned per re
 # CLIP similarity lives in [-1, 1], a trained head's sigmoid in (0, 1): buckets cover both.
 REWARD = Histogram("alignloop_serving_reward", "Reward of returned (chosen) vs. discarded (rejected) candidates",
                    ["arm", "kind"], buckets=(-0.5, -0.25, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
-VOTES = Counter("alignloop_serving_votes_total", "Votes received, by arm", ["arm", "vote", "outcome"])
+# Adapter versions are bounded (a few per rollout), so they may be labels; the guardrail compares arms by them.
+VOTES = Counter("alignloop_serving_votes_total", "Votes received, by arm and the adapter version that drew the image",
+                ["arm", "adapter", "vote", "outcome"])
+IMAGES = Counter("alignloop_serving_images_total", "Images drawn, by the adapter version that drew them", ["adapter"])
+ADAPTER_LOADS = Counter("alignloop_serving_adapter_loads_total",
+                        "Adapters loaded into a slot (ok) or refused by their checks (refused)", ["outcome"])
+ROLLOUT_SWITCHES = Counter("alignloop_serving_rollout_switches_total",
+                           "Routing-table switches to a new rollout (each worker counts its own)")
 REWARD_MODEL_SWAPS = Counter("alignloop_serving_reward_model_swaps_total",
                              "Reward models swapped in (ok) or refused by their checks (refused)", ["outcome"])
 EXPLORED = Counter("alignloop_serving_explored_total", "Requests whose last shown image was drawn below the top k")
@@ -34,7 +41,8 @@ PASS_SECONDS = Histogram("alignloop_serving_pass_seconds", "Wall time of one dif
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
 
 
-def observe_pass(images: int, requests: int, seconds: float) -> None:
+def observe_pass(images: int, requests: int, seconds: float, adapter: str = "base") -> None:
+    IMAGES.labels(adapter).inc(images)
     PASS_IMAGES.observe(images)
     PASS_REQUESTS.observe(requests)
     PASS_SECONDS.observe(seconds)

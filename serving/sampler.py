@@ -35,7 +35,8 @@ from alignloop.serving.schemas import MAX_N, MAX_SEED
 
 
 class ImageSource(Protocol):
-    def submit(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "Future[SampledImages]": ...
+    def submit(self, prompt: str, seeds: list[int], steps: int, guidance: float,
+               adapter: str = "base") -> "Future[SampledImages]": ...
 
 
 class Scorer(Protocol):
@@ -53,6 +54,7 @@ class BestOfN:
     shown_probabilities: list[float]  # k: the chance each returned candidate had of being shown
     explored: bool  # the last slot was drawn below the top k
     reward_model: str  # what scored the candidates: "clip" or "reward:<registry version>"
+    adapter: str  # the LoRA adapter version that drew every candidate ("base" = none)
     candidate_rewards: list[float]  # n, in candidate order
     queue_s: float
     sampling_s: float
@@ -104,7 +106,7 @@ class Sampler:
         self.explore_probability = explore_probability
 
     def sample(self, prompt: str, n: int, k: int, steps: int, guidance: float,
-               seed: Optional[int] = None) -> BestOfN:
+               seed: Optional[int] = None, adapter: str = "base") -> BestOfN:
         # 1. Check inputs (the HTTP schema already did; this guards in-process callers)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -117,8 +119,8 @@ class Sampler:
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
         seeds = candidate_seeds(seed, n)
 
-        # 3. Sample n candidates (in passes shared with concurrent requests)
-        sampled = self.source.submit(prompt, seeds, steps, guidance).result(timeout=self.timeout_s)
+        # 3. Sample n candidates with the adapter (in passes shared with concurrent requests of that adapter)
+        sampled = self.source.submit(prompt, seeds, steps, guidance, adapter=adapter).result(timeout=self.timeout_s)
         images = sampled.images  # [n, 3, H, W]
         assert images.shape[0] == n, f"image source returned {images.shape[0]} images for n={n}"
 
@@ -136,13 +138,14 @@ class Sampler:
         scoring_s = time.monotonic() - started
         return BestOfN(seed=seed, images=images[indices], rewards=rewards[indices].tolist(), indices=indices,
                        seeds=[seeds[i] for i in indices], shown_probabilities=shown, explored=explored,
-                       reward_model=reward_model, candidate_rewards=rewards.tolist(),
+                       reward_model=reward_model, adapter=adapter, candidate_rewards=rewards.tolist(),
                        queue_s=sampled.queue_s, sampling_s=sampled.sampling_s, scoring_s=scoring_s)
 
 
 def load_sampler(config, on_pass=None) -> tuple[Sampler, "DiffusionBatcher"]:  # noqa: F821
     """Load the generator and CLIP of `config` (a ServingConfig) and wire them into a Sampler that ranks by CLIP
-    score; `sampler.reward` is the slot a RegistryFollower keeps on the registry's live reward model."""
+    score; `sampler.reward` is the slot a RegistryFollower keeps on the registry's live reward model, and
+    `batcher.slots` the adapter slots (serving.adapter_slots) a RolloutFollower keeps on the rollout's adapters."""
     from alignloop.models import load_clip, load_generator, resolve_device_dtype
     from alignloop.rewards import RewardScorer
     from alignloop.serving.batching import DiffusionBatcher
@@ -155,4 +158,8 @@ def load_sampler(config, on_pass=None) -> tuple[Sampler, "DiffusionBatcher"]:  #
     slot = RewardSlot(RewardScorer(clip, head=None, backend=config.scorer_backend))
     batcher = DiffusionBatcher(pipe, config.max_batch_images, config.batch_wait_ms, config.cross_request_batching,
                                on_pass=on_pass)
+    from alignloop.serving.adapter_slots import AdapterSlots
+
+    batcher.slots = AdapterSlots(pipe, batcher, config.max_adapters, config.max_adapter_rank)
+    batcher.activate = batcher.slots.activate  # the pass's adapter, set on the batcher thread
     return Sampler(batcher, slot, timeout_s=config.timeout_s, explore_probability=config.explore_probability), batcher

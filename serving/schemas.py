@@ -87,7 +87,10 @@ class ImageResult(BaseModel):
 class GenerateResponse(BaseModel):
     request_id: str
     arm: str = Field(description="A/B arm that served the request.")
-    adapter: str = Field(description="Adapter version of that arm ('base' = no adapter).")
+    adapter: str = Field(description="The LoRA adapter version that drew every image of this response ('base' = "
+                                     "no adapter).")
+    rollout: str = Field(default="config", description="The rollout (registry version) that routed the request; "
+                                                       "'config' when none is published.")
     reward_model: str = Field(description="What ranked the candidates: 'clip' (CLIP score) or 'reward:<version>', a "
                                           "reward model from the registry.")
     seed: int = Field(description="The seed used (yours, or the one drawn for you): resend it to reproduce.")

@@ -2,9 +2,10 @@
 
     alignloop serve --port 3000 --workers 1         # or: bentoml serve alignloop.serving.service:AlignLoop
 
-Routes: POST /generate, POST /feedback (handlers.py), GET /ui (http.py), and BentoML's own /metrics,
-/readyz (503 until this worker's models are loaded and warm), /livez, /docs.json (OpenAPI). The
-configuration comes from ALIGNLOOP_SERVE_* variables (config.py), which `alignloop serve` sets.
+Routes: POST /generate, POST /feedback (handlers.py), GET /ui (http.py), /admin/... (admin.py: adapters and
+the rollout, behind the admin token), and BentoML's own /metrics, /readyz (503 until this worker's models are
+loaded and warm and it serves the registry's rollout), /livez, /docs.json (OpenAPI). The configuration comes
+from ALIGNLOOP_SERVE_* variables (config.py), which `alignloop serve` sets.
 """
 
 import logging
@@ -13,6 +14,8 @@ import os
 import bentoml
 from starlette.responses import Response
 
+from alignloop.serving.admin import admin_app
+from alignloop.serving.arms import ANON_COOKIE, anon_id_from_cookie
 from alignloop.serving.config import ServingConfig
 from alignloop.serving.handlers import ServingCore, TokenError, log_event
 from alignloop.serving.http import ApiErrorMiddleware, install_log_filters, json_error, ui_app
@@ -20,6 +23,7 @@ from alignloop.serving.schemas import FeedbackRequest, FeedbackResponse, Generat
 
 log = logging.getLogger("alignloop.serving")
 CONFIG = ServingConfig.from_env()
+_WORKER: dict = {}  # this worker's RolloutFollower, for the admin routes (mounted apps have no service instance)
 
 
 @bentoml.service(
@@ -30,12 +34,15 @@ CONFIG = ServingConfig.from_env()
     resources={"gpu": 1} if CONFIG.device.startswith("cuda") else {},
 )
 @bentoml.asgi_app(ui_app(), path="/ui")
+@bentoml.asgi_app(admin_app(lambda: _WORKER.get("rollout"), CONFIG.registry or None, CONFIG.max_adapter_upload_bytes),
+                  path="/admin")
 class AlignLoop:
     def __init__(self) -> None:
         self.core: ServingCore | None = None
         self.batcher = None
         self.producer = None
         self.follower = None
+        self.rollout = None
 
     @bentoml.on_startup
     def load(self) -> None:
@@ -46,6 +53,7 @@ class AlignLoop:
         from alignloop.feedback.image_store import ImageStore
         from alignloop.feedback.producer import EventProducer
         from alignloop.serving import metrics
+        from alignloop.serving.adapter_slots import RolloutFollower
         from alignloop.serving.reward_slot import RegistryFollower
         from alignloop.serving.sampler import load_sampler
         from alignloop.serving.tokens import default_key
@@ -58,20 +66,26 @@ class AlignLoop:
         sampler, self.batcher = load_sampler(CONFIG, on_pass=metrics.observe_pass)
         self.follower = RegistryFollower(sampler.reward, CONFIG.registry or None, CONFIG.scorer_backend,
                                          CONFIG.reward_poll_s).start()  # the registry's live reward model, if any
+        # The rollout's adapters, loaded and checked before this worker says it is ready.
+        self.rollout = RolloutFollower(self.batcher.slots, CONFIG.registry or None, CONFIG.arms,
+                                       CONFIG.rollout_poll_s).start()
+        _WORKER["rollout"] = self.rollout
         sampler.sample("warm-up", n=1, k=1, steps=1, guidance=CONFIG.default_guidance, seed=0)
         self.producer = EventProducer(bootstrap=CONFIG.kafka_bootstrap or None,
                                       spool_dir=default_spool_dir().parent / f"serving-worker-{worker}",
                                       topics=Topics().prefixed(CONFIG.topic_prefix))
         ledger = SqliteLedger(CONFIG.vote_ledger or home() / "serving" / "votes.sqlite", CONFIG.token_ttl_s)
         self.core = ServingCore(sampler, self.producer, ImageStore(CONFIG.image_store or None), ledger,
-                                default_key(), CONFIG)
+                                default_key(), CONFIG, routing=lambda: self.rollout.table)
         log_event("worker_ready", worker=worker, generator=CONFIG.generator, clip=CONFIG.clip,
-                  reward_model=sampler.reward.current()[1], backend=sampler.reward.current()[0].choice.reason,
+                  reward_model=sampler.reward.current()[1], rollout=self.rollout.table.rollout_id, backend=sampler.reward.current()[0].choice.reason,
                   torch_threads=torch.get_num_threads(), max_batch_images=CONFIG.max_batch_images,
                   cross_request_batching=CONFIG.cross_request_batching)
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
         if self.follower is not None:
             self.follower.close()
         if self.batcher is not None:
@@ -86,7 +100,8 @@ class AlignLoop:
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> GenerateResponse:
         """Sample n images for the prompt, rank them by reward, return the best k with feedback tokens."""
         try:
-            return self.core.generate(request)
+            anon_id = anon_id_from_cookie(ctx.request.cookies.get(ANON_COOKIE)) if not request.user_id else None
+            return self.core.generate(request, anon_id=anon_id)
         except Exception:  # a bug or a failing model: log it with context, answer without internals
             log.exception("generate failed")
             return _error(ctx, 500, "generation failed; the error is logged on the server")

@@ -14,6 +14,8 @@ def test_serve_and_bench_are_registered():
     assert (args.port, config.workers, config.cross_request_batching, config.max_batch_images) == (3100, 2, False, 32)
     bench = parser.parse_args(["bench", "serving", "--quick", "--json"])
     assert bench.quick and bench.json
+    swap = parser.parse_args(["bench", "swap", "--quick", "--json"])
+    assert swap.quick and swap.json and swap.swaps == 50 and swap.clients == 8
 
 
 def test_serve_reports_a_missing_generator_as_a_user_error(capsys, tmp_path):

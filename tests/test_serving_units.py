@@ -135,7 +135,10 @@ class FakePipeline:
         self.calls = []
         self.delay_s = delay_s
 
-    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type):
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type, **unused):
         assert len(prompt) == len(generator) and output_type == "pt"
         self.calls.append((list(prompt), num_inference_steps, guidance_scale))
         time.sleep(self.delay_s)
