@@ -5,6 +5,8 @@ Kept free of heavy imports: the CLI builds its flags from these fields at start-
 
 import dataclasses
 
+from alignloop.adapters import DEFAULT_TARGET_MODULES
+
 
 @dataclasses.dataclass
 class RewardTrainConfig:
@@ -57,3 +59,104 @@ class RewardTrainConfig:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """What every LoRA fine-tuning run shares; saved with its adapter (metadata and registry manifest)."""
+
+    seed: int = 0
+    generator: str = "shapes-sd-tiny"  # the base pipeline: bundled name, local diffusers folder or hub id
+    device: str = ""  # "" = CUDA when available, else CPU; LoRA weights and the loss stay fp32
+    # LoRA on the UNet: attention, feed-forward, projections and ResNet convolutions
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple = DEFAULT_TARGET_MODULES
+    # Optimization: AdamW on the LoRA weights only
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    steps: int = 400
+    batch_size: int = 32  # model samples per step
+    grad_clip: float = 1.0
+    # β·pre-training loss: the base's own denoising loss on fresh renders of seen prompts (Lee et al. eq. 2)
+    pretrain_weight: float = 1.0
+    pretrain_batch_size: int = 32
+    uncond_prob: float = 0.1  # empty prompts in the pre-training batch, as the base was trained
+    # The sampler the data came from and the adapter is evaluated with (sampling and training must agree)
+    sample_steps: int = 20
+    guidance: float = 5.0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        checks = [
+            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an integer >= 1"),
+            ("alpha", self.alpha > 0, "> 0"),
+            ("lr", self.lr > 0, "> 0"),
+            ("steps", isinstance(self.steps, int) and self.steps >= 1, "an integer >= 1"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
+            ("pretrain_weight", self.pretrain_weight >= 0, ">= 0"),
+            ("uncond_prob", 0 <= self.uncond_prob < 1, "in [0, 1)"),
+            ("guidance", self.guidance >= 0, ">= 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
+
+
+@dataclasses.dataclass
+class RwrConfig(FinetuneConfig):
+    """Reward-weighted likelihood (Lee et al. eq. 2): Σ r·‖ε − ε̃_θ‖² over model samples + β·pre-training loss."""
+
+    vote_weight_up: float = 1.0  # the reward of an up-voted sample
+    vote_weight_down: float = 0.0  # of a down-voted one (Lee et al.: binary rewards, so down-votes drop out)
+    learned_reward_power: float = 1.0  # unvoted samples weigh reward**power (the learned reward, in [0, 1])
+    guided_loss: bool = True  # fit the guided prediction that drew the samples (alignloop.trainer.finetune)
+
+
+@dataclasses.dataclass
+class KtoConfig(FinetuneConfig):
+    """Diffusion-KTO (Li et al. 2024) on the raw thumbs: no reward model."""
+
+    beta: float = 2000.0  # β of the sigmoid utility; the implicit reward g is a difference of mean squared errors
+    up_weight: float = 1.0  # λ_up: the loss weight of up-voted images
+    down_weight: float = 1.0  # λ_down: of down-voted ones
+    guided_loss: bool = True  # g from the guided predictions (as the samples were drawn); False: conditional branch
+
+
+@dataclasses.dataclass
+class PpoConfig(FinetuneConfig):
+    """PPO on the denoising MDP (Pinterest §3, Algorithm 1; after DDPO). `steps` counts optimizer updates; a round
+    samples `batch_size * minibatches` rollouts with the current LoRA and makes `minibatches` updates on them."""
+
+    lr: float = 3e-4
+    steps: int = 120
+    batch_size: int = 16  # rollouts per optimizer update
+    minibatches: int = 2  # updates per round of rollouts: later ones see a changed policy, so the clip matters
+    eta: float = 1.0  # DDIM noise of the rollouts (> 0: the policy needs a density)
+    train_timesteps: int = 5  # denoising steps trained per rollout, drawn at random (Pinterest: 5 of 50)
+    clip_range: float = 1e-4  # PPO's ratio clip; for log-probs that are a mean over latent dimensions
+    advantage_clip: float = 5.0  # |advantage| bound after normalization
+    tracker_buffer: int = 32  # rewards kept per prompt for its running mean and std
+    tracker_min_count: int = 8  # below this many, a prompt's advantage uses the batch's mean and std
+    learned_reward_weight: float = 1.0  # weight of the learned reward's advantage
+    color_diversity_weight: float = 0.2  # of the color-diversity advantage, on prompts that leave color open
+    pretrain_weight: float = 0.5
+
+
+@dataclasses.dataclass
+class ReflConfig(FinetuneConfig):
+    """Reward gradient with a KL term (the student report's eq. 5, after ReFL): −α·reward + β_KL·KL at one step
+    drawn from the last quarter of the trajectory, gradients only through that step."""
+
+    lr: float = 1e-4
+    steps: int = 150
+    batch_size: int = 16
+    eta: float = 1.0  # the trajectory's DDIM noise; the KL is between the step's Gaussians, so σ_t > 0
+    reward_weight: float = 1.0  # α
+    kl_weight: float = 0.01  # β_KL; the KL is ‖μ_θ − μ_base‖² / 2σ², a mean over latent dimensions
+    last_fraction: float = 0.25  # the step is drawn from this last share of the trajectory
+    pretrain_weight: float = 0.0  # the KL term is this method's anchor; add renders too if wanted

@@ -1,0 +1,228 @@
+"""What the fine-tuning methods share: a LoRA on the base UNet, its denoising losses, and the training harness.
+
+    run = LoraRun(config, out_dir)              # the base pipeline (frozen) with a fresh LoRA on its UNet
+    for step in run.steps():                    # resumes from out_dir/checkpoint.pt; a progress bar
+        loss, stats = method_loss(run, ...)     # each method's own loss (rwr.py, kto.py, ppo.py, refl.py)
+        run.update(loss, stats)                 # clip, step, metrics.jsonl, checkpoints
+    run.finish()                                # out_dir/adapter: LoRA weights with metadata + config
+
+The denoising loss comes in two forms, both per sample ([B]) so that a method can weight them:
+
+- `denoising_loss(latents, texts)`: ‖ε − ε_θ(x_t, t, c)‖², the conditional branch alone: how the base model was
+  trained, and the right loss for data from the world (the pre-training renders).
+- `denoising_loss(latents, texts, guidance=w)`: ‖ε − ε̃_θ(x_t, t, c)‖² with ε̃ = ε_u + w·(ε_θ(c) − ε_u), the
+  classifier-free-guided prediction that sampled the data, ε_u from the frozen base: the loss for the model's
+  own samples.
+  Samples drawn at guidance w come from the guided model; regressing the conditional branch alone onto them
+  teaches it the guided score, and sampling again at w then guides twice: ε_u + w·(ε̃ − ε_u) =
+  ε_u + w²·(ε_c − ε_u). In the shapes world that oversaturates backgrounds and colors, the aspects the votes
+  never asked to change (`alignloop bench finetune` keeps the measurement as a row). Fitting the guided
+  prediction to its own samples has no such fixed-point drift: with uniform weights its gradient is zero
+  in expectation, so only the rewards move it.
+"""
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from alignloop.durable import write_durably
+
+ADAPTER = "tuned"  # the peft adapter name of the LoRA being trained
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class LoraRun:
+    """The base pipeline, frozen, with a trainable LoRA on its UNet, and the loop's bookkeeping."""
+
+    def __init__(self, config, out_dir: Path, progress: bool = True):
+        from alignloop.adapters import lora_config
+        from alignloop.models import load_generator, resolve_device_dtype
+
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.device, _ = resolve_device_dtype(config.device or None, "fp32")  # LoRA weights and math in fp32
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        self.pipe = load_generator(config.generator, device=self.device, dtype=torch.float32)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        self.unet = self.pipe.unet
+        self.unet.add_adapter(lora_config(config.rank, config.alpha, config.target_modules), adapter_name=ADAPTER)
+        self.lora_params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = self.pipe.scheduler
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        self.step = 0
+        self._embeds: dict = {}
+        self._metrics = None
+        self._bar = None
+        self._started = time.monotonic()
+        self._resume()
+
+    # -- conditioning -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D] (the encoder is frozen: computed once per text)."""
+        missing = sorted({t for t in texts if t not in self._embeds})
+        if missing:
+            tok = self.pipe.tokenizer(missing, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt")
+            hidden = self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
+            self._embeds.update(zip(missing, hidden))
+        return torch.stack([self._embeds[t] for t in texts])
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> latents as the base model was trained on them (posterior samples, scaled)."""
+        from alignloop.world.train import to_tensor
+
+        vae = self.pipe.vae
+        return vae.encode(to_tensor(images).to(self.device)).latent_dist.sample() * vae.config.scaling_factor
+
+    # -- losses -------------------------------------------------------------------------------------------------
+
+    def noised(self, latents: torch.Tensor, t: Optional[torch.Tensor] = None):
+        """(x_t, ε, t) at uniform random training timesteps unless given."""
+        if t is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noise = torch.randn_like(latents)
+        return self.scheduler.add_noise(latents, noise, t), noise, t
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, texts: Sequence[str],
+                guidance: Optional[float] = None) -> torch.Tensor:
+        """ε prediction: the conditional branch, or with `guidance` the guided ε_u + w·(ε_θ(c) − ε_u) whose
+        unconditional part comes from the frozen base (see the module docstring)."""
+        cond = self.unet(noisy, t, self.embed(texts)).sample
+        if guidance is None:
+            return cond
+        with torch.no_grad(), self.base():
+            uncond = self.unet(noisy, t, self.embed([""] * len(texts))).sample
+        return uncond + guidance * (cond - uncond)
+
+    def denoising_loss(self, latents: torch.Tensor, texts: Sequence[str],
+                       guidance: Optional[float] = None) -> torch.Tensor:
+        """Per-sample ‖ε − ε_θ(x_t, t, c)‖² (mean over dimensions) [B]; guided when `guidance` is given."""
+        noisy, noise, t = self.noised(latents)
+        pred = self.predict(noisy, t, texts, guidance)
+        return F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+
+    def denoising_errors(self, latents: torch.Tensor, texts: Sequence[str],
+                         guidance: Optional[float] = None) -> tuple:
+        """(policy error [B], base error [B]): ‖ε − ε(x_t)‖² under the LoRA and under the frozen base, at the same
+        x_t, ε and t (Diffusion-KTO's implicit reward is their difference)."""
+        noisy, noise, t = self.noised(latents)
+        policy = F.mse_loss(self.predict(noisy, t, texts, guidance), noise, reduction="none").mean(dim=(1, 2, 3))
+        with torch.no_grad(), self.base():
+            base = F.mse_loss(self.predict(noisy, t, texts, guidance), noise, reduction="none").mean(dim=(1, 2, 3))
+        return policy, base
+
+    def pretraining_loss(self, batch_size: int) -> torch.Tensor:
+        """β's term: the base model's own loss on fresh renders of seen prompts (held-out pairs avoided), with
+        the base's share of empty prompts so that the unconditional branch stays anchored too."""
+        from alignloop.trainer.finetune_data import seen_renders
+
+        prompts, images = seen_renders(self.rng, batch_size)
+        texts = ["" if self.rng.random() < self.config.uncond_prob else p.text for p in prompts]
+        return self.denoising_loss(self.encode_images(images), texts).mean()
+
+    class _Disabled:
+        def __init__(self, unet):
+            self.unet = unet
+
+        def __enter__(self):
+            self.unet.disable_adapters()
+
+        def __exit__(self, *exc):
+            self.unet.enable_adapters()
+
+    def base(self):
+        """Context in which the UNet is the frozen base (the LoRA switched off)."""
+        return self._Disabled(self.unet)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[int]:
+        self._bar = tqdm(range(self.step, self.config.steps), desc=type(self.config).__name__, initial=self.step,
+                         total=self.config.steps, disable=not self.progress)
+        self._metrics = open(self.out_dir / METRICS, "a")
+        for step in self._bar:
+            yield step
+
+    def update(self, loss: torch.Tensor, stats: dict) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {loss.item()}; stats {stats}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        row = {"step": self.step, "loss": round(loss.item(), 6), "grad_norm": round(float(grad_norm), 6),
+               **{k: round(float(v), 6) for k, v in stats.items()}, "seconds": round(time.monotonic() - self._started, 1)}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        self._bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            self._checkpoint()
+
+    def finish(self, info: Optional[dict] = None) -> Path:
+        """out_dir/adapter: the LoRA in diffusers format with its metadata, and adapter.json (config, base model,
+        world signature, the last metrics, `info`). Returns the folder."""
+        from alignloop.adapters import base_model_identity, save_adapter
+        from alignloop.world import world_signature
+
+        if self._metrics:
+            self._metrics.close()
+        folder = save_adapter(self.unet, self.out_dir / "adapter", ADAPTER).parent
+        lines = (self.out_dir / METRICS).read_text().strip().splitlines()
+        record = {"method": type(self.config).__name__, "config": self.config.to_dict(),
+                  "base": base_model_identity(self.config.generator), "world": world_signature(),
+                  "steps": self.step, "last_metrics": json.loads(lines[-1]) if lines else None, **(info or {})}
+        write_durably(folder / "adapter.json", (json.dumps(record, indent=1) + "\n").encode())
+        return folder
+
+    def _checkpoint(self) -> None:
+        import io
+
+        state = {"step": self.step, "lora": {k: v.detach().cpu() for k, v in self._lora_state().items()},
+                 "optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(),
+                 "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_durably(self.out_dir / CHECKPOINT, buffer.getvalue())
+
+    def _resume(self) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if _resumable(state["config"]) != _resumable(self.config.to_dict()):
+            changed = sorted(k for k, v in _resumable(self.config.to_dict()).items() if state["config"].get(k) != v)
+            raise ValueError(f"{path} was written by another config (differs in {', '.join(changed)}); use a new "
+                             "--out or delete it to start over")
+        names = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for k, v in state["lora"].items():
+                names[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    def _lora_state(self) -> dict:
+        return {k: p for k, p in self.unet.named_parameters() if p.requires_grad}
+
+
+def _resumable(config: dict) -> dict:
+    """What must match to resume a run: everything but how long it runs and how often it checkpoints."""
+    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every")}

@@ -1,0 +1,166 @@
+"""`alignloop train rwr|ppo|refl|kto --snapshot DIR`: a LoRA from the users' votes, published as a candidate.
+
+    1. Read the snapshot's votes (alignloop feedback snapshot). Each voted image is redrawn, latents and all, from
+       what its generation event recorded (prompt, seed, steps, guidance, adapter) through the one generation
+       path, and compared with the image the user saw: a redraw that differs (another device, another model)
+       is dropped and counted, never trained on as if it were the voted image.
+    2. Train the method (alignloop.trainer.rwr / ppo / refl / kto) from the base generator. RWR's reward is the
+       vote where there is one; PPO and ReFL optimize the registry's live reward model (or --reward-version).
+    3. Evaluate the adapter (oracle pass rate, fidelity, diversity on world prompts) and publish it to the
+       registry as a candidate with its manifest: parent, base model hash, snapshot and offsets, config,
+       metrics, world signature. Nothing is published when anything fails.
+"""
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from alignloop.errors import UserFacingError
+
+METHODS = ("rwr", "ppo", "refl", "kto")
+REDRAW_TOLERANCE = 2.0 / 255  # mean absolute pixel difference between a redraw and the voted PNG
+
+
+def redraw_voted(pipe, rows: list, folder: Path, registry, progress: bool = True):
+    """(Samples, votes +1/-1, report) for the vote rows whose images redraw to what the users saw."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from alignloop.trainer.finetune_data import Samples, sample_latents
+    from alignloop.world.grammar import parse_prompt
+
+    kept, report = [], defaultdict(int)
+    groups = defaultdict(list)
+    for row in rows:
+        if row.get("seed") is None or row.get("steps") is None:
+            report["without_seed"] += 1  # written before generation/2: not reproducible
+        else:
+            groups[(row.get("adapter_version") or "base", int(row["steps"]), float(row["guidance"]))].append(row)
+    latents, images = [], []
+    for (adapter, steps, guidance), members in groups.items():
+        with adapter_active(pipe, adapter, registry):
+            for start in tqdm(range(0, len(members), 32), desc=f"redraw {adapter}", disable=not progress):
+                chunk = members[start:start + 32]
+                z, x = sample_latents(pipe, [r["prompt"] for r in chunk], [int(r["seed"]) for r in chunk], steps,
+                                      guidance)
+                for row, zi, xi in zip(chunk, z, x):
+                    path = folder / (row.get("image_path") or f"images/{row['image_id']}.png")
+                    if not path.is_file():
+                        report["missing_image"] += 1
+                        continue
+                    seen = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+                    if seen.shape != xi.shape or np.abs(seen - xi).mean() / 255 > REDRAW_TOLERANCE:
+                        report["redraw_differs"] += 1
+                        continue
+                    kept.append(row)
+                    latents.append(zi)
+                    images.append(xi)
+    if not kept:
+        raise UserFacingError(f"none of the {len(rows)} voted images could be redrawn as the users saw them "
+                              f"({dict(report)}); fine-tuning needs votes on images this generator drew")
+    samples = Samples([parse_prompt(r["prompt"]) or r["prompt"] for r in kept],
+                      np.array([int(r["seed"]) for r in kept]), torch.stack(latents).numpy(), np.stack(images),
+                      np.zeros(len(kept), dtype=bool))
+    votes = np.array([1 if r["label"] else -1 for r in kept], dtype=np.int8)
+    report.update(voted=len(rows), redrawn=len(kept))
+    return samples, votes, dict(report)
+
+
+class adapter_active:
+    """Context: the pipeline's UNet draws with a registry adapter version ("base": none), then returns to base."""
+
+    def __init__(self, pipe, version: str, registry):
+        self.pipe, self.version, self.registry = pipe, version, registry
+
+    def __enter__(self):
+        if self.version == "base":
+            return self
+        from alignloop.adapters import base_model_identity, validate_adapter
+
+        folder = self.registry.fetch("adapter", self.version)
+        report = validate_adapter(folder, base_model_identity(self.pipe), self.pipe.unet, max_rank=1024)
+        self.pipe.unet.load_lora_adapter(report.state_dict, prefix="unet", metadata=report.metadata,
+                                         adapter_name="data_source")
+        self.pipe.unet.set_adapters(["data_source"])
+        return self
+
+    def __exit__(self, *exc):
+        if self.version != "base":
+            self.pipe.unet.delete_adapters("data_source")
+
+
+def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Path] = None,
+                           registry: Optional[str] = None, publish: bool = True,
+                           reward_version: Optional[str] = None, eval_prompts: int = 32, progress: bool = True,
+                           log=print) -> dict:
+    """The whole command; returns its report (what the CLI prints as JSON)."""
+    import torch
+
+    from alignloop.models import load_clip, load_generator
+    from alignloop.registry import Registry
+    from alignloop.settings import home
+    from alignloop.trainer.finetune_eval import evaluate_adapter
+    from alignloop.trainer.reward_model import read_snapshot
+
+    if method not in METHODS:
+        raise UserFacingError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    started = time.monotonic()
+    store = Registry(registry)
+    out = Path(out) if out else home() / "train" / method / time.strftime("%Y%m%d-%H%M%S")
+
+    # 1. Votes, redrawn
+    rows, folder, snapshot_manifest = read_snapshot(snapshot)
+    pipe = load_generator(config.generator, device=config.device or None, dtype=torch.float32)
+    samples, votes, redraw = redraw_voted(pipe, rows, folder, store, progress)
+    log(f"votes: {redraw['voted']} read, {redraw['redrawn']} redrawn as seen ({(votes > 0).sum()} up)")
+    unseen = [p.text for p in samples.prompts if getattr(p, "unseen", False)]
+    if unseen:
+        raise UserFacingError(f"{len(unseen)} voted prompts name held-out pairs (e.g. {unseen[0]!r}): held-out "
+                              "combinations must not enter the feedback loop")
+
+    # 2. Train
+    from alignloop.trainer.finetune_bench import train_method
+
+    clip = load_clip(device=config.device or None)
+    learned, head, reward_source = None, None, None
+    if method in ("ppo", "refl") or (method == "rwr" and (votes == 0).any()):
+        from alignloop.rewards import get_reward
+        from alignloop.rewards.functions import head_from_registry
+        from alignloop.rewards.scorer import load_head_for
+
+        path, manifest = head_from_registry(registry, reward_version)
+        head, reward_source = load_head_for(path, clip), manifest.version
+        learned = get_reward("learned", head=head, clip=clip)
+    run = train_method(method, config, samples, votes, learned, None, clip, head, out, progress)
+
+    # 3. Evaluate, save, publish
+    run.unet.eval()
+    metrics = {}
+    for split_name in ("unseen", "seen"):
+        result = evaluate_adapter(run.pipe, clip, split_name, per_prompt=4, max_prompts=eval_prompts,
+                                  steps=config.sample_steps, guidance=config.guidance, progress=progress)
+        metrics[f"{split_name}_pass"] = result["overall"]
+        metrics[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
+        metrics[f"{split_name}_diversity"] = result["diversity"]
+    data = {"snapshot": str(folder), "snapshot_version": folder.name, "offsets": snapshot_manifest.get("offsets"),
+            "votes": int(len(votes)), "redraw": redraw, "reward_model": reward_source}
+    adapter_dir = run.finish({"data": data, "metrics": metrics})
+    report = {"method": method, "out": str(out), "adapter": str(adapter_dir), "metrics": metrics, "data": data,
+              "seconds": round(time.monotonic() - started, 1)}
+    if publish:
+        from alignloop.rollout import publish_adapter
+
+        record = json.loads((adapter_dir / "adapter.json").read_text())
+        manifest = publish_adapter(store, {n: adapter_dir / n for n in ("pytorch_lora_weights.safetensors",
+                                                                         "adapter.json")},
+                                   base=record["base"], config={"method": method, **config.to_dict()},
+                                   metrics=metrics, data={**data, "world": record["world"]}, who=f"train {method}",
+                                   why=f"trained from snapshot {folder.name}: unseen pass {metrics['unseen_pass']}")
+        report["published"] = manifest.version
+        log(f"published adapter {manifest.version} as candidate")
+    return report
