@@ -79,6 +79,9 @@ class FinetuneConfig:
     batch_size: int = 32  # model samples per step
     grad_clip: float = 1.0
     # β·pre-training loss: the base's own denoising loss on fresh renders of seen prompts (Lee et al. eq. 2)
+    # The model's own samples are trained at timesteps t >= sample_min_timestep only (of 1000): where the layout,
+    # and with it the count, is decided; the pre-training renders at every t
+    sample_min_timestep: int = 0
     pretrain_weight: float = 1.0
     pretrain_batch_size: int = 32
     uncond_prob: float = 0.1  # empty prompts in the pre-training batch, as the base was trained
@@ -97,6 +100,7 @@ class FinetuneConfig:
             ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
             ("pretrain_weight", self.pretrain_weight >= 0, ">= 0"),
             ("uncond_prob", 0 <= self.uncond_prob < 1, "in [0, 1)"),
+            ("sample_min_timestep", 0 <= self.sample_min_timestep < 1000, "in [0, 1000)"),
             ("guidance", self.guidance >= 0, ">= 0"),
         ]
         for name, ok, allowed in checks:
@@ -136,15 +140,24 @@ class PpoConfig(FinetuneConfig):
     steps: int = 120
     batch_size: int = 16  # rollouts per optimizer update
     minibatches: int = 2  # updates per round of rollouts: later ones see a changed policy, so the clip matters
+    samples_per_prompt: int = 4  # rollouts of each prompt in a round: its advantage has its own group to compare
     eta: float = 1.0  # DDIM noise of the rollouts (> 0: the policy needs a density)
     train_timesteps: int = 5  # denoising steps trained per rollout, drawn at random (Pinterest: 5 of 50)
     clip_range: float = 1e-4  # PPO's ratio clip; for log-probs that are a mean over latent dimensions
     advantage_clip: float = 5.0  # |advantage| bound after normalization
     tracker_buffer: int = 32  # rewards kept per prompt for its running mean and std
-    tracker_min_count: int = 8  # below this many, a prompt's advantage uses the batch's mean and std
+    tracker_min_count: int = 4  # below this many, a prompt's advantage uses the batch's mean and std
     learned_reward_weight: float = 1.0  # weight of the learned reward's advantage
     color_diversity_weight: float = 0.2  # of the color-diversity advantage, on prompts that leave color open
     pretrain_weight: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0 (the policy needs a density), got {self.eta}")
+        if (self.batch_size * self.minibatches) % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt must divide batch_size * minibatches "
+                             f"({self.batch_size} * {self.minibatches}), got {self.samples_per_prompt}")
 
 
 @dataclasses.dataclass

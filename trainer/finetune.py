@@ -92,10 +92,9 @@ class LoraRun:
 
     # -- losses -------------------------------------------------------------------------------------------------
 
-    def noised(self, latents: torch.Tensor, t: Optional[torch.Tensor] = None):
-        """(x_t, ε, t) at uniform random training timesteps unless given."""
-        if t is None:
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+    def noised(self, latents: torch.Tensor, low: int = 0):
+        """(x_t, ε, t) at uniform random training timesteps t in [low, T)."""
+        t = torch.randint(low, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
         noise = torch.randn_like(latents)
         return self.scheduler.add_noise(latents, noise, t), noise, t
 
@@ -110,18 +109,18 @@ class LoraRun:
             uncond = self.unet(noisy, t, self.embed([""] * len(texts))).sample
         return uncond + guidance * (cond - uncond)
 
-    def denoising_loss(self, latents: torch.Tensor, texts: Sequence[str],
-                       guidance: Optional[float] = None) -> torch.Tensor:
-        """Per-sample ‖ε − ε_θ(x_t, t, c)‖² (mean over dimensions) [B]; guided when `guidance` is given."""
-        noisy, noise, t = self.noised(latents)
+    def denoising_loss(self, latents: torch.Tensor, texts: Sequence[str], guidance: Optional[float] = None,
+                       low: int = 0) -> torch.Tensor:
+        """Per-sample ‖ε − ε_θ(x_t, t, c)‖² (mean over dimensions) [B], t ≥ `low`; guided when `guidance` is given."""
+        noisy, noise, t = self.noised(latents, low)
         pred = self.predict(noisy, t, texts, guidance)
         return F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
 
-    def denoising_errors(self, latents: torch.Tensor, texts: Sequence[str],
-                         guidance: Optional[float] = None) -> tuple:
+    def denoising_errors(self, latents: torch.Tensor, texts: Sequence[str], guidance: Optional[float] = None,
+                         low: int = 0) -> tuple:
         """(policy error [B], base error [B]): ‖ε − ε(x_t)‖² under the LoRA and under the frozen base, at the same
-        x_t, ε and t (Diffusion-KTO's implicit reward is their difference)."""
-        noisy, noise, t = self.noised(latents)
+        x_t, ε and t ≥ `low` (Diffusion-KTO's implicit reward is their difference)."""
+        noisy, noise, t = self.noised(latents, low)
         policy = F.mse_loss(self.predict(noisy, t, texts, guidance), noise, reduction="none").mean(dim=(1, 2, 3))
         with torch.no_grad(), self.base():
             base = F.mse_loss(self.predict(noisy, t, texts, guidance), noise, reduction="none").mean(dim=(1, 2, 3))

@@ -1,7 +1,7 @@
 """`alignloop train rwr|ppo|refl|kto --snapshot DIR`: a LoRA from the users' votes, published as a candidate.
 
     1. Read the snapshot's votes (alignloop feedback snapshot). Each voted image is redrawn, latents and all, from
-       what its generation event recorded (prompt, seed, steps, guidance, adapter) through the one generation
+       what its generation event recorded (prompt, the image's own seed, steps, guidance, adapter) through the one generation
        path, and compared with the image the user saw: a redraw that differs (another device, another model)
        is dropped and counted, never trained on as if it were the voted image.
     2. Train the method (alignloop.trainer.rwr / ppo / refl / kto) from the base generator. RWR's reward is the
@@ -37,8 +37,8 @@ def redraw_voted(pipe, rows: list, folder: Path, registry, progress: bool = True
     kept, report = [], defaultdict(int)
     groups = defaultdict(list)
     for row in rows:
-        if row.get("seed") is None or row.get("steps") is None:
-            report["without_seed"] += 1  # written before generation/2: not reproducible
+        if row.get("candidate_seed") is None or row.get("steps") is None:
+            report["without_seed"] += 1  # written before generation/2 recorded per-image seeds: not reproducible
         else:
             groups[(row.get("adapter_version") or "base", int(row["steps"]), float(row["guidance"]))].append(row)
     latents, images = [], []
@@ -46,8 +46,8 @@ def redraw_voted(pipe, rows: list, folder: Path, registry, progress: bool = True
         with adapter_active(pipe, adapter, registry):
             for start in tqdm(range(0, len(members), 32), desc=f"redraw {adapter}", disable=not progress):
                 chunk = members[start:start + 32]
-                z, x = sample_latents(pipe, [r["prompt"] for r in chunk], [int(r["seed"]) for r in chunk], steps,
-                                      guidance)
+                z, x = sample_latents(pipe, [r["prompt"] for r in chunk], [int(r["candidate_seed"]) for r in chunk],
+                                      steps, guidance)
                 for row, zi, xi in zip(chunk, z, x):
                     path = folder / (row.get("image_path") or f"images/{row['image_id']}.png")
                     if not path.is_file():
@@ -64,7 +64,7 @@ def redraw_voted(pipe, rows: list, folder: Path, registry, progress: bool = True
         raise UserFacingError(f"none of the {len(rows)} voted images could be redrawn as the users saw them "
                               f"({dict(report)}); fine-tuning needs votes on images this generator drew")
     samples = Samples([parse_prompt(r["prompt"]) or r["prompt"] for r in kept],
-                      np.array([int(r["seed"]) for r in kept]), torch.stack(latents).numpy(), np.stack(images),
+                      np.array([int(r["candidate_seed"]) for r in kept]), torch.stack(latents).numpy(), np.stack(images),
                       np.zeros(len(kept), dtype=bool))
     votes = np.array([1 if r["label"] else -1 for r in kept], dtype=np.int8)
     report.update(voted=len(rows), redrawn=len(kept))

@@ -48,7 +48,8 @@ def train_kto(config: KtoConfig, samples: Samples, votes: np.ndarray, out_dir: P
         rows = run.rng.choices(list(voted), k=config.batch_size)
         up = torch.tensor(votes[rows] > 0, device=run.device)
         # 2. Their denoising errors under the LoRA and the base, at one random timestep each
-        policy_error, base_error = run.denoising_errors(latents[rows], [texts[i] for i in rows], guidance)
+        policy_error, base_error = run.denoising_errors(latents[rows], [texts[i] for i in rows], guidance,
+                                                        config.sample_min_timestep)
         kto, stats = kto_loss(policy_error, base_error, up, config)
         # 3. β_pre · the base's own loss on fresh renders of seen prompts
         pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())

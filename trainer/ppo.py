@@ -78,7 +78,10 @@ def train_ppo(config: PpoConfig, prompts: Sequence, rewards: dict, out_dir: Path
         update = step % config.minibatches
         if update == 0:
             # 1. Rollouts under the current policy
-            batch = run.rng.choices(list(prompts), k=round_size)
+            groups = round_size // config.samples_per_prompt
+            chosen = run.rng.sample(list(prompts), groups) if groups <= len(prompts) else \
+                run.rng.choices(list(prompts), k=groups)
+            batch = [p for p in chosen for _ in range(config.samples_per_prompt)]
             seeds = [run.rng.randrange(2**31) for _ in batch]
             rollout = sample_with_logprob(run.pipe, [p.text for p in batch], seeds, **sampler)
             # 2-3. Rewards, and their advantages per prompt, combined by weight

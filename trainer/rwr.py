@@ -42,7 +42,7 @@ def train_rwr(config: RwrConfig, samples: Samples, weights: np.ndarray, out_dir:
         batch, batch_texts = latents[rows], [texts[i] for i in rows]
         # 2. Their denoising loss, through the guided prediction that drew them
         guidance = config.guidance if config.guided_loss else None
-        sample_loss = run.denoising_loss(batch, batch_texts, guidance).mean()
+        sample_loss = run.denoising_loss(batch, batch_texts, guidance, config.sample_min_timestep).mean()
         # 3. β · the base's own loss on fresh renders of seen prompts
         pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())
         loss = sample_loss + config.pretrain_weight * pretrain_loss
