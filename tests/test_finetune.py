@@ -140,8 +140,8 @@ def test_kto_needs_both_kinds_of_votes(samples, tmp_path):
 
 
 def test_ppo_update_raises_the_likelihood_of_high_advantage_steps(tmp_path, monkeypatch):
-    """One round in which the later half of the rollouts is rewarded: after the update their transitions are likelier
-    under the policy than before, relative to the others' (the surrogate pushes the right way)."""
+    """One round in which every other rollout of each prompt is rewarded: after the update their transitions are
+    likelier under the policy than before, relative to the others' (the surrogate pushes the right way)."""
     from alignloop.trainer import rollout as rollout_module
     from alignloop.trainer.ppo import train_ppo
 
@@ -150,7 +150,7 @@ def test_ppo_update_raises_the_likelihood_of_high_advantage_steps(tmp_path, monk
     monkeypatch.setattr(rollout_module, "sample_with_logprob", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
     config = PpoConfig(steps=1, minibatches=1, batch_size=8, sample_steps=4, train_timesteps=4, lr=1e-5,
                        clip_range=1.0, pretrain_weight=0.0, checkpoint_every=5)
-    rewards = {"test": (1.0, lambda images, texts: (np.arange(len(texts)) >= 4).astype(float), lambda p: True)}
+    rewards = {"test": (1.0, lambda images, texts: (np.arange(len(texts)) % 2).astype(float), lambda p: True)}
     run = train_ppo(config, seen_prompts()[:4], rewards, tmp_path / "ppo", progress=False)
     metrics = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-4)  # the first update sees the sampling policy
@@ -159,7 +159,7 @@ def test_ppo_update_raises_the_likelihood_of_high_advantage_steps(tmp_path, monk
         log_ratio = torch.stack([rollout_module.step_log_prob(run.pipe, rollout, j, steps=4, guidance=config.guidance,
                                                               eta=1.0) - rollout.log_probs[:, j] for j in range(4)])
     per_rollout = log_ratio.mean(0)
-    assert per_rollout[4:].mean() > per_rollout[:4].mean()
+    assert per_rollout[1::2].mean() > per_rollout[0::2].mean()
 
 
 def test_refl_raises_the_reward_of_the_predicted_image(tmp_path):
@@ -302,3 +302,22 @@ def _voted_samples_stub():
     prompts = seen_prompts()[:2]
     return Samples(prompts, np.arange(2), np.random.default_rng(0).normal(size=(2, 4, 16, 16)).astype(np.float32),
                    np.zeros((2, 32, 32, 3), np.uint8), np.ones(2, bool))
+
+
+@pytest.mark.slow
+def test_quick_finetune_benchmark_reports_every_method_side_by_side(tmp_path, capsys):
+    from alignloop.cli import main
+
+    code = main(["bench", "finetune", "--quick", "--json", "--out", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    for key in ("unseen", "fidelity", "diversity", "seconds"):
+        assert set(report[key]) >= {"rwr", "ppo", "refl", "kto"}, key
+    assert set(report["unseen"]) >= {"base", "rwr_conditional"}
+    for row in report["unseen"].values():
+        assert set(row) == {"overall", "count", "color", "shape", "background"}
+        assert 0 <= row["overall"] <= 1
+    assert report["ratio"] > 0 and report["best"] in ("rwr", "ppo", "refl", "kto") and report["machine"]
+    for method in ("rwr", "ppo", "refl", "kto"):
+        assert (tmp_path / f"grid-base-vs-{method}.png").is_file()
+        assert report["training"][method]["last"]["step"] == report["training"][method]["config"]["steps"]

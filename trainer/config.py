@@ -75,7 +75,7 @@ class FinetuneConfig:
     # Optimization: AdamW on the LoRA weights only
     lr: float = 1e-4
     weight_decay: float = 0.0
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 32  # model samples per step
     grad_clip: float = 1.0
     # β·pre-training loss: the base's own denoising loss on fresh renders of seen prompts (Lee et al. eq. 2)

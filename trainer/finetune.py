@@ -10,9 +10,9 @@ The denoising loss comes in two forms, both per sample ([B]) so that a method ca
 
 - `denoising_loss(latents, texts)`: ‖ε − ε_θ(x_t, t, c)‖², the conditional branch alone: how the base model was
   trained, and the right loss for data from the world (the pre-training renders).
-- `denoising_loss(latents, texts, guidance=w)`: ‖ε − ε̃_θ(x_t, t, c)‖² with ε̃ = ε_u + w·(ε_θ(c) − ε_u), the
-  classifier-free-guided prediction that sampled the data, ε_u from the frozen base: the loss for the model's
-  own samples.
+- `denoising_loss(latents, texts, guidance=w)`: ‖ε − ε̃_θ(x_t, t, c)‖² with ε̃ = ε_u + w·(ε_c − ε_u), the
+  classifier-free-guided prediction that sampled the data, both branches through the LoRA as at sampling time:
+  the loss for the model's own samples.
   Samples drawn at guidance w come from the guided model; regressing the conditional branch alone onto them
   teaches it the guided score, and sampling again at w then guides twice: ε_u + w·(ε̃ − ε_u) =
   ε_u + w²·(ε_c − ε_u). In the shapes world that oversaturates backgrounds and colors, the aspects the votes
@@ -100,13 +100,14 @@ class LoraRun:
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, texts: Sequence[str],
                 guidance: Optional[float] = None) -> torch.Tensor:
-        """ε prediction: the conditional branch, or with `guidance` the guided ε_u + w·(ε_θ(c) − ε_u) whose
-        unconditional part comes from the frozen base (see the module docstring)."""
-        cond = self.unet(noisy, t, self.embed(texts)).sample
+        """ε prediction: the conditional branch, or with `guidance` the guided ε_u + w·(ε_c − ε_u) computed as the
+        sampler computes it: both branches through the LoRA, in one UNet pass (see the module docstring)."""
         if guidance is None:
-            return cond
-        with torch.no_grad(), self.base():
-            uncond = self.unet(noisy, t, self.embed([""] * len(texts))).sample
+            return self.unet(noisy, t, self.embed(texts)).sample
+        batch = len(texts)
+        eps = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                        torch.cat([self.embed([""] * batch), self.embed(texts)])).sample
+        uncond, cond = eps.chunk(2)
         return uncond + guidance * (cond - uncond)
 
     def denoising_loss(self, latents: torch.Tensor, texts: Sequence[str], guidance: Optional[float] = None,

@@ -28,8 +28,8 @@ METHODS = ("rwr", "ppo", "refl", "kto")
 ASPECTS = ("count", "color", "shape", "background")
 FULL = {"train_prompts": None, "per_prompt": 8, "votes": 3000, "eval_prompts": None, "eval_per_prompt": 4, "steps": {}}
 # --quick shows that each code path learns something, not how much: few samples, few steps, few eval prompts.
-QUICK = {"train_prompts": 48, "per_prompt": 2, "votes": None, "eval_prompts": 12, "eval_per_prompt": 2,
-         "steps": {"rwr": 30, "rwr_conditional": 30, "ppo": 8, "refl": 10, "kto": 30}}
+QUICK = {"train_prompts": 48, "per_prompt": 2, "votes": None, "eval_prompts": 8, "eval_per_prompt": 2,
+         "steps": {"rwr": 20, "rwr_conditional": 20, "ppo": 4, "refl": 6, "kto": 20}, "batch_size": 8}
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, explain: bool = True,
@@ -50,7 +50,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report = {"benchmark": "finetune", "quick": quick, "seed": seed, "machine": describe_machine(),
-              "settings": {k: v for k, v in settings.items() if k != "steps"}, "unseen": {}, "fidelity": {},
+              "settings": settings, "unseen": {}, "fidelity": {},
               "diversity": {}, "seconds": {}, "training": {}}
 
     # 1. Data: base samples of seen prompts, the rater's votes, the learned reward
@@ -93,7 +93,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
     for name in runs:
         config = configs[name]
         if name in settings["steps"]:
-            config = dataclasses.replace(config, steps=settings["steps"][name])
+            config = dataclasses.replace(config, steps=settings["steps"][name],
+                                         batch_size=settings.get("batch_size", config.batch_size))
         t0 = time.monotonic()
         trained_run = train_method(name, config, samples, votes, learned, learned_scores, clip, trained.head,
                                    out_dir / name, progress)
