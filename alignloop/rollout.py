@@ -137,9 +137,9 @@ def publish_adapter(registry: Registry, folder_or_files: Union[str, Path, dict[s
     """Publish an adapter as a candidate: a folder's files (as `save_adapter` writes it) or {name: path or bytes}.
 
     Checked before anything is written: the LoRA file is there, parses as safetensors and every weight is
-    finite, and alignloop.adapters.validate_adapter_files(files) passes where that module offers one. The full
-    check against the base UNet (keys, shapes, rank, target modules, base hash) happens where the UNet is, in the
-    serving worker, before the adapter takes traffic (alignloop.adapters.validate_adapter).
+    finite. The full check against the base UNet (LoRA header, keys, shapes, rank, target modules, base hash)
+    happens where the UNet is, in the serving worker, before the adapter takes traffic
+    (alignloop.adapters.validate_adapter).
     """
     if isinstance(folder_or_files, dict):
         files = dict(folder_or_files)
@@ -151,10 +151,6 @@ def publish_adapter(registry: Registry, folder_or_files: Union[str, Path, dict[s
     if ADAPTER_FILE not in files:
         raise RolloutError(f"an adapter needs {ADAPTER_FILE}; got {sorted(files) or 'no files'}")
     _check_weights(files[ADAPTER_FILE])
-    from alignloop import adapters  # torch, as _check_weights: publishing is not a hot path
-
-    if hasattr(adapters, "validate_adapter_files"):
-        adapters.validate_adapter_files(files)
     manifest = registry.publish(kind="adapter", files=files, parent=parent, base=base, data=data, config=config,
                                 metrics=metrics, state="candidate", who=who, why=why)
     log.info("adapter %s published as candidate by %s: %s", manifest.version, who, why)

@@ -80,7 +80,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the rollout as JSON")
     p.set_defaults(func=_rollout_show)
 
-    p = rsub.add_parser("canary", help="serve a candidate adapter to a share of users as arm B")
+    p = rsub.add_parser("canary", help="serve a candidate adapter to a share of users as arm B",
+                        description="Arm A keeps the live adapter (or the base model) for the other users. Users are "
+                                    "assigned by a hash of their id and the new rollout's id, so each canary draws a "
+                                    "new B population. Promote or roll it back by hand (`alignloop adapters promote"
+                                    "|rollback`) or let `alignloop rollout watch` decide.")
     p.add_argument("version", help="adapter version, e.g. v000007")
     p.add_argument("--share", type=float, default=0.1, help="fraction of users in arm B, in (0, 1) (default 0.1)")
     _change_args(p)
@@ -98,7 +102,27 @@ def add_commands(subparsers) -> None:
     p.add_argument("--who", default="guardrail", help="recorded with each decision (default: guardrail)")
     _registry_arg(p)
     add_config_args(p, GuardrailConfig())
+    for action in p._actions:  # add_config_args says only the default; say what each threshold is
+        if action.dest in _GUARDRAIL_HELP:
+            action.help = f"{_GUARDRAIL_HELP[action.dest]} {action.help}"
     p.set_defaults(func=_watch)
+
+
+_GUARDRAIL_HELP = {  # alignloop.guardrail.GuardrailConfig argues each default
+    "min_votes": "votes each arm needs before any decision",
+    "promote_probability": "P(B > A + min lift) needed to promote B",
+    "min_lift": "thumbs-up rate B must beat A by, for --promote-probability",
+    "max_expected_loss": "largest expected loss of shipping B (thumbs-up rate) that still promotes",
+    "rollback_probability": "roll B back when P(B > A) is at or below this",
+    "max_exposure_s": "seconds after the rollout started to retire an undecided B as inconclusive",
+    "reward_margin_sd": "reward hacking: B's reward-model mean above A's by this many pooled sd ...",
+    "hacking_probability": "... while P(B < A) for the thumbs-up rate is at least this",
+    "draws": "Monte Carlo draws per posterior",
+    "seed": "seed of the draws (the same counts always give the same decision)",
+    "poll_s": "seconds between looks when watching",
+    "lookback_s": "seconds before the rollout's start to begin reading the topics (clock drift)",
+    "read_timeout_s": "seconds one read to the end of the topics may take",
+}
 
 
 # -- arguments ----------------------------------------------------------------------------------------------

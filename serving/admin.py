@@ -83,7 +83,7 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
 
     async def publish(request: Request):
         from alignloop.adapters import WEIGHTS, lora_config_from_header
-        from alignloop.rollout import publish_adapter
+        from alignloop.rollout import RolloutError, publish_adapter
 
         base_hash = request.query_params.get("base_unet_sha256", "")
         why = request.query_params.get("why", "").strip()
@@ -101,9 +101,12 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
             config = lora_config_from_header(header, "the uploaded adapter")  # rank, alpha, target modules
         except UserFacingError as err:
             raise _BadRequest(str(err)) from None
-        manifest = publish_adapter(registry(), {WEIGHTS: body}, base={"unet_sha256": base_hash}, config=config,
-                                   parent=request.query_params.get("parent") or None,
-                                   who=request.query_params.get("who") or _WHO, why=why)
+        try:
+            manifest = publish_adapter(registry(), {WEIGHTS: body}, base={"unet_sha256": base_hash}, config=config,
+                                       parent=request.query_params.get("parent") or None,
+                                       who=request.query_params.get("who") or _WHO, why=why)
+        except RolloutError as err:  # the file's own checks (no tensors, NaN or Inf): the request is at fault
+            raise _BadRequest(str(err)) from None
         return JSONResponse({"version": manifest.version, "state": manifest.state}, status_code=201)
 
     async def canary(request: Request):
@@ -168,7 +171,10 @@ class _BadRequest(Exception):
 def _header_of(body: bytes) -> dict:
     """The safetensors header's __metadata__ of an in-memory file."""
     size = int.from_bytes(body[:8], "little")
-    return json.loads(body[8:8 + size]).get("__metadata__") or {}
+    metadata = json.loads(body[8:8 + size]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("__metadata__ is not an object")
+    return metadata
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes:
@@ -216,6 +222,10 @@ def _op(summary: str, body: Optional[dict] = None, ok: str = "200") -> dict:
     return op
 
 
+def _with_responses(op: dict, more: dict) -> dict:
+    return {**op, "responses": {**op["responses"], **{code: {"description": what} for code, what in more.items()}}}
+
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "alignloop admin", "version": "1"},
@@ -226,12 +236,14 @@ OPENAPI = {
     },
     "paths": {
         "/admin/rollout": {"get": _op("the registry's rollout and adapters, and what the answering worker serves")},
-        "/admin/adapters": {"post": {
-            **_op("publish an adapter as a candidate (body: pytorch_lora_weights.safetensors)", ok="201"),
+        "/admin/adapters": {"post": _with_responses(
+            {**_op("publish an adapter as a candidate (body: pytorch_lora_weights.safetensors)", ok="201"),
             "parameters": [{"name": n, "in": "query", "required": r, "schema": {"type": "string"}}
                            for n, r in (("base_unet_sha256", True), ("why", True), ("parent", False), ("who", False))],
             "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}}},
+                "schema": {"type": "string", "format": "binary"}}}}},
+            {"400": "a query parameter is missing or malformed, or the body is not a LoRA safetensors file with "
+                    "diffusers' LoRA header", "413": "the body is over max_adapter_upload_bytes"})},
         "/admin/rollout/canary": {"post": _op("serve a candidate to a share of users (arm B)",
                                               {"version": "string", "share": "number", "why": "string",
                                                "who": "string"})},

@@ -14,6 +14,7 @@ spread at random.
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,7 @@ _BUCKETS = 10_000
 ANON_COOKIE = "alignloop_anon"
 ANON_COOKIE_MAX_AGE_S = 365 * 24 * 3600
 _COOKIE_DOMAIN = b"alignloop.anon-cookie.v1."  # binds the MAC to this use of the key
+_COOKIE_SHAPE = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{64}")  # what mint_anon_cookie makes
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,14 @@ def mint_anon_cookie(key: Optional[bytes] = None) -> str:
 
 
 def anon_id_from_cookie(value: Optional[str], key: Optional[bytes] = None) -> Optional[str]:
-    """The anonymous id of a cookie we signed, else None (absent, altered or forged: route at random)."""
-    if not value or len(value) > 200 or value.count(".") != 1:
+    """The anonymous id of a cookie we signed, else None (absent, altered or forged: route at random).
+
+    The shape is checked first: a cookie is whatever the client sent (any characters, after the browser's and
+    the server's quoting), and `hmac.compare_digest` raises on non-ASCII strings."""
+    if not isinstance(value, str) or not _COOKIE_SHAPE.fullmatch(value):
         return None
     anon_id, signature = value.split(".")
-    if not hmac.compare_digest(signature, _sign(key or cookie_key(), anon_id)):
+    if not hmac.compare_digest(signature.encode(), _sign(key or cookie_key(), anon_id).encode()):
         return None
     return anon_id
 

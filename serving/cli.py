@@ -40,7 +40,7 @@ def add_benchmarks(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "swap", help="adapter hot-swap: validation and switch time, p99 latency during swaps, memory over 50 swaps",
         description="In-process: 50 adapter swaps through the worker's slots (validation and switch time, resident "
-                    "memory). Over HTTP with 8 clients: one arm, two arms (a 50%% canary) and one arm while the live "
+                    "memory). Over HTTP with 8 clients: one arm, two arms (a 50% canary) and one arm while the live "
                     "adapter is swapped; failed requests and p99 latency during swaps vs without (the ratio). "
                     "Prints one JSON object on its last line.")
     p.add_argument("--quick", action="store_true", help="shorter phases, fewer steps (CI smoke run)")

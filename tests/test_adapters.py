@@ -95,6 +95,9 @@ def test_saved_adapter_keeps_rank_alpha_and_targets_and_reloads_in_diffusers(bas
     assert sorted(header["unet.target_modules"]) == sorted(DEFAULT_TARGET_MODULES)
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+    (tmp_path / "file").write_text("x")  # diffusers' writer would only log here; save_adapter refuses
+    with pytest.raises(ValueError, match="is a file; save_adapter writes a folder"):
+        save_adapter(unet, tmp_path / "file", "made")
     # diffusers reloads alpha 8 (not alpha = rank)
     from diffusers import StableDiffusionPipeline  # noqa: F401
     from alignloop.models import load_generator
@@ -189,10 +192,20 @@ def _half_written(ctx):
     return version_dir, "corrupt or half-written"
 
 
+def _half_written_missing_file(ctx):
+    folder, config = make_adapter(ctx.base_unet, ctx.tmp / "bad", seed=5)
+    manifest = publish(ctx.registry, folder, config, ctx.identity)
+    version_dir = ctx.registry.fetch("adapter", manifest.version)
+    copy_dir = ctx.tmp / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "manifest.json").write_bytes((version_dir / "manifest.json").read_bytes())  # the file never came
+    return copy_dir, f"{WEIGHTS} is missing from .*: a half-written version folder"
+
+
 BAD = {"corrupt file": _corrupt, "wrong keys": _wrong_keys, "other target modules": _other_targets,
        "rank over the limit": _rank_over, "NaN/Inf weights": _nan, "other base model": _other_base,
        "missing manifest": _no_manifest, "malformed manifest": _malformed_manifest,
-       "half-written folder": _half_written}
+       "half-written folder": _half_written, "half-written folder, a file missing": _half_written_missing_file}
 
 
 @pytest.fixture(scope="module")

@@ -257,3 +257,11 @@ def test_watch_keeps_watching_and_rolls_back_when_the_votes_arrive(kafka_broker,
     assert [json.loads(line)["action"] for line in lines] == ["rollback"]
     assert [(a.adapter, a.share) for a in rollout.current_rollout(reg).arms] == [("base", 1.0)]
     assert reg.get("adapter", v1).state == "retired"
+
+
+def test_every_guardrail_flag_says_what_it_is():
+    import dataclasses
+
+    from alignloop.rollout_cli import _GUARDRAIL_HELP
+
+    assert set(_GUARDRAIL_HELP) == {f.name for f in dataclasses.fields(GuardrailConfig)}

@@ -5,6 +5,7 @@ it names."""
 
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_adapters import make_adapter, publish, reference_images
+from test_adapters import close, make_adapter, publish, reference_images
 
 from alignloop import rollout
 from alignloop.adapters import base_model_identity
@@ -46,6 +47,10 @@ def test_anonymous_cookie_is_signed():
     assert anon_id_from_cookie(value, b"d" * 32) is None  # another key
     assert anon_id_from_cookie("0" * 32 + "." + value.split(".")[1], key) is None  # another id, same signature
     assert anon_id_from_cookie("garbage", key) is None and anon_id_from_cookie(None, key) is None
+    # Whatever a client sends is refused, never raised on (hmac.compare_digest raises on non-ASCII strings).
+    anon, signature = value.split(".")
+    for odd in (f"{anon}.{signature[:-1]}\u00e9", f"{anon}.{signature.upper()}", f"{anon}.{signature}.x", value + " "):
+        assert anon_id_from_cookie(odd, key) is None
 
 
 def test_config_arms_reach_the_workers_through_the_environment():
@@ -71,13 +76,19 @@ def admin(tmp_path):
 def test_admin_routes_need_the_token(admin):
     client, _ = admin
     for method, path in (("get", "/rollout"), ("post", "/rollout/rollback"), ("post", "/adapters"),
-                         ("post", "/rollout/canary"), ("post", "/rollout/promote")):
+                         ("post", "/rollout/canary"), ("post", "/rollout/promote"), ("post", "/rollout/retire")):
         assert getattr(client, method)(path).status_code == 401
         wrong = getattr(client, method)(path, headers={"Authorization": "Bearer secret-tokem"})
         assert wrong.status_code == 401 and "admin token" in wrong.json()["error"]
     assert client.get("/rollout", headers={"Authorization": "Bearer secret-token"}).status_code == 200
+    # The OpenAPI document (public) names the bearer scheme and the 401 on every route.
     spec = client.get("/openapi.json").json()
-    assert "401" in spec["paths"]["/admin/rollout/promote"]["post"]["responses"]
+    assert spec["components"]["securitySchemes"]["adminToken"] == {"type": "http", "scheme": "bearer"}
+    operations = [(path, op) for path, item in spec["paths"].items() for op in item.values()]
+    assert len(operations) == 6
+    for path, op in operations:
+        assert "401" in op["responses"] and op["security"] == [{"adminToken": []}], path
+    assert {"400", "413"} <= set(spec["paths"]["/admin/adapters"]["post"]["responses"])
 
 
 def test_admin_publish_canary_promote_rollback(admin, tmp_path):
@@ -92,17 +103,43 @@ def test_admin_publish_canary_promote_rollback(admin, tmp_path):
     bad = client.post("/adapters?why=test", content=body, headers=auth)
     assert bad.status_code == 400 and "base_unet_sha256" in bad.json()["error"]
     assert client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=b"junk", headers=auth).status_code == 400
+    # A file with diffusers' LoRA header but NaN weights, or a header whose metadata is no object: 400, nothing written.
+    from safetensors.torch import load, save
+
+    from alignloop.adapters import METADATA_KEY, _read_header
+
+    header = _read_header(folder / "pytorch_lora_weights.safetensors")
+    tensors = load(body)
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    nan = client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=save(tensors, metadata=header), headers=auth)
+    assert nan.status_code == 400 and "NaN or Inf" in nan.json()["error"], nan.text
+    size = int.from_bytes(body[:8], "little")
+    odd_header = json.dumps({**json.loads(body[8:8 + size]), "__metadata__": [METADATA_KEY]}).encode()
+    odd = len(odd_header).to_bytes(8, "little") + odd_header + body[8 + size:]
+    assert client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=odd, headers=auth).status_code == 400
+    assert registry.versions("adapter") == []
     made = client.post(f"/adapters?why=nightly&base_unet_sha256={sha}", content=body, headers=auth)
     assert made.status_code == 201, made.text
     version = made.json()["version"]
     assert registry.get("adapter", version).config["r"] == 4
+    published = registry.get("adapter", version).history[-1]
+    assert (published.state, published.who, published.why) == ("candidate", "admin via HTTP", "nightly")
     canary = client.post("/rollout/canary", json={"version": version, "share": 0.2, "why": "try it"}, headers=auth)
     assert canary.status_code == 200 and [a["adapter"] for a in canary.json()["arms"]] == ["base", version]
     assert client.post("/rollout/canary", json={"version": version, "why": "x"}, headers=auth).status_code == 400
     promoted = client.post("/rollout/promote", json={"version": version, "why": "better"}, headers=auth).json()
     assert promoted["arms"] == [{"name": "A", "adapter": version, "share": 1.0}]
-    back = client.post("/rollout/rollback", json={"why": "worse after all"}, headers=auth).json()
+    back = client.post("/rollout/rollback", json={"why": "worse after all", "who": "ops"}, headers=auth).json()
     assert back["arms"][0]["adapter"] == "base"
+    # Who, why and when of every change, in the adapter's history and the rollouts'.
+    history = registry.get("adapter", version).history
+    assert [(h.state, h.who, h.why) for h in history] == [
+        ("candidate", "admin via HTTP", "nightly"), ("canary", "admin via HTTP", "try it"),
+        ("live", "admin via HTTP", "better"), ("retired", "ops", "rolled back to the base model: worse after all")]
+    assert all(h.at.tzinfo is not None for h in history) and [h.at for h in history] == sorted(h.at for h in history)
+    last = registry.get("rollout", back["id"]).history[-1]
+    assert (last.state, last.who, last.why) == ("live", "ops", "worse after all")
     state = client.get("/rollout", headers=auth).json()
     assert state["registry"]["rollout"]["id"] == back["id"]
     again = client.post("/rollout/promote", json={"version": version, "why": "x"}, headers=auth)
@@ -146,6 +183,40 @@ def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path
         # Rolled back: the follower converges on the rollout without the bad adapter.
         back = rollout.rollback(registry, "test", "bad")
         assert follower.reconcile() is True and follower.table.rollout_id == back.id
+    finally:
+        batcher.close()
+
+
+def test_the_previous_live_adapter_stays_resident_for_an_instant_rollback(tmp_path):
+    """Four promotions through three slots: the oldest is evicted, the previous live one is not, so rolling back
+    (twice, even) switches the routing table without loading anything."""
+    from alignloop.models import load_generator
+    from alignloop.serving.adapter_slots import AdapterSlots, RolloutFollower
+    from alignloop.serving.batching import DiffusionBatcher
+
+    pipe = load_generator(device="cpu")
+    identity = base_model_identity(pipe)
+    base_unet = __import__("copy").deepcopy(pipe.unet)
+    registry = Registry(tmp_path / "reg")
+    batcher = DiffusionBatcher(pipe, max_batch_images=8, wait_ms=0)
+    slots = AdapterSlots(pipe, batcher, max_slots=3, max_rank=16)
+    batcher.activate = slots.activate
+    follower = RolloutFollower(slots, str(tmp_path / "reg"), (ArmSpec("A", "base", 1.0),), poll_s=0.1)
+    try:
+        versions = [publish(registry, *make_adapter(base_unet, tmp_path / f"a{i}", seed=30 + i), identity).version
+                    for i in range(4)]
+        for version in versions:
+            rollout.promote(registry, version, "test", "next live")
+            assert follower.reconcile() is True
+        assert set(slots.resident()) == set(versions[1:])  # v1 evicted, the previous live (v3) kept
+        loads = slots.loads
+        for expected in (versions[2], versions[1]):
+            back = rollout.rollback(registry, "test", "worse")
+            assert back.arms[0].adapter == expected
+            assert follower.reconcile() is True and follower.table.rollout_id == back.id
+            assert slots.loads == loads and follower.last_switch["switch_s"] < 0.5
+        images = batcher.submit(PROMPT, [1], 2, 5.0, adapter=versions[1]).result(timeout=60).images
+        assert close(images, reference_images(tmp_path / "a1", seeds=[1], steps=2))
     finally:
         batcher.close()
 
@@ -205,6 +276,132 @@ def test_two_workers_converge_within_2_s(tmp_path_factory, base_unet):
         assert f'alignloop_serving_images_total{{adapter="{manifest.version}"}}' in metrics
     finally:
         stop_server(process)
+
+
+def _wait_for_rollout(url, rollout_id, log_path, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _admin_get(url).json()["worker"].get("rollout_id") == rollout_id:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the worker never served rollout {rollout_id}:\n{log_path.read_text()[-3000:]}")
+
+
+def _spooled_events(home):
+    """The events the worker's producer spooled (its broker is unreachable in `_serve`), as dicts."""
+    events = []
+    for segment in sorted((home / "spool").glob("serving-worker-*/*.seg")):
+        for line in segment.read_bytes().splitlines():
+            _crc, _topic, _key, value = line.split(b"\t", 3)
+            events.append(json.loads(value))
+    return events
+
+
+def test_anonymous_browser_users_are_sticky_by_the_ui_cookie(tmp_path_factory, base_unet):
+    """Through a real server: GET /ui sets the signed cookie, /generate without a user id routes by it (sticky), fresh
+    browsers land in both arms of a 50/50 canary, a tampered cookie is ignored (a random arm, a fresh cookie from
+    /ui, never a 500), and events of cookie users carry no user hash and the anonymous id appears nowhere."""
+    from service_fixtures import stop_server
+
+    from alignloop.serving.arms import ANON_COOKIE
+
+    home, process, url, log_path = _serve(tmp_path_factory, "anon-cookie")
+    body = {"prompt": PROMPT, "n": 2, "k": 1, "steps": 1, "seed": 5}
+
+    answers = {}  # request id -> (arm, adapter) as the response named them
+
+    def generate(session, headers=None):
+        response = session.post(url + "/generate", json=body, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        answers[answer["request_id"]] = (answer["arm"], answer["adapter"])
+        last[(answer["arm"], answer["adapter"])] = answer
+        return answer["arm"], answer["adapter"]
+
+    last = {}  # (arm, adapter) -> the last response from it
+
+    try:
+        registry = Registry(home / "registry")
+        tmp = tmp_path_factory.mktemp("anon-cookie-adapters")
+        manifest = publish(registry, *make_adapter(base_unet, tmp / "b", seed=7), base_model_identity("shapes-sd-tiny"))
+        canary = rollout.start_canary(registry, manifest.version, 0.5, "test", "anonymous users")
+        _wait_for_rollout(url, canary.id, log_path)
+        arms = {("A", "base"), ("B", manifest.version)}
+
+        # 1. /ui sets the cookie: signed, HttpOnly, SameSite=Lax, for the whole site, no Secure over plain HTTP.
+        browser = requests.Session()
+        page = browser.get(url + "/ui", timeout=30)
+        assert page.status_code == 200
+        set_cookie = page.headers["set-cookie"]
+        attributes = {part.strip().split("=")[0].lower() for part in set_cookie.split(";")}
+        assert set_cookie.startswith(f"{ANON_COOKIE}=") and {"httponly", "samesite", "path", "max-age"} <= attributes
+        assert "samesite=lax" in set_cookie.lower() and "secure" not in attributes
+        cookie = browser.cookies[ANON_COOKIE]
+        anon_id = cookie.split(".")[0]
+        # A valid cookie is kept: the page does not mint another.
+        assert "set-cookie" not in browser.get(url + "/ui", timeout=30).headers
+
+        # 2. Sticky: six requests without a user id land on one arm and its adapter.
+        mine = {generate(browser) for _ in range(6)}
+        assert len(mine) == 1 and mine <= arms, mine
+
+        # 3. Fresh browsers are spread over both arms (12 of them all on one arm: p = 2 * 0.5**12).
+        seen = set()
+        for _ in range(12):
+            fresh = requests.Session()
+            assert fresh.get(url + "/ui", timeout=30).status_code == 200 and ANON_COOKIE in fresh.cookies
+            seen.add(generate(fresh))
+            if seen == arms:
+                break
+        assert seen == arms, seen
+        # A vote on each arm's image is counted under the arm and the adapter version that drew it.
+        for arm, adapter in arms:
+            token = last[(arm, adapter)]["images"][0]["feedback_token"]
+            assert requests.post(url + "/feedback", json={"feedback_token": token, "vote": "up"},
+                                 timeout=60).status_code == 202
+        from prometheus_client.parser import text_string_to_metric_families
+
+        counted = {(sample.labels["arm"], sample.labels["adapter"]): sample.value
+                   for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=30).text)
+                   for sample in family.samples if sample.name == "alignloop_serving_votes_total"
+                   and sample.labels.get("vote") == "up" and sample.labels.get("outcome") == "accepted"}
+        assert counted == {arm: 1.0 for arm in arms}, counted
+
+        # 4. A tampered cookie is not trusted: routed at random (the other arm within a few requests), /ui replaces
+        #    it, and no odd value makes a 500.
+        (my_arm,) = mine
+        other = (arms - mine).pop()
+        id_, signature = cookie.split(".")
+        tampered = {"Cookie": f"{ANON_COOKIE}={id_}.{'0' if signature[0] != '0' else '1'}{signature[1:]}"}
+        landed = set()
+        for _ in range(16):
+            landed.add(generate(requests, headers=tampered))
+            if other in landed:
+                break
+        assert other in landed, f"a tampered cookie still routed to {my_arm} 16 times in a row"
+        page = requests.get(url + "/ui", headers=tampered, timeout=30)
+        assert page.status_code == 200 and page.cookies[ANON_COOKIE].split(".")[0] != id_  # a new id, freshly signed
+        for odd in ("x" * 5000, f"{id_}.{signature}.{signature}", f"{id_}.{signature[:-1]}\u00e9",
+                    f'"{id_}.{signature[:-1]}\\303\\251"'):  # non-ASCII once decoded; the last in cookie quoting
+            headers = {"Cookie": f"{ANON_COOKIE}={odd}".encode("utf-8")}
+            assert requests.get(url + "/ui", headers=headers, timeout=30).status_code == 200, odd
+            odd_generate = requests.post(url + "/generate", json=body, headers=headers, timeout=120)
+            assert odd_generate.status_code == 200, (odd, odd_generate.text)
+    finally:
+        stop_server(process)
+
+    # 5. No raw id anywhere: anonymous generation events carry no user hash, and the cookie's id is in no event and
+    #    no log line (the producer spools on shutdown: its broker in `_serve` is unreachable).
+    events = _spooled_events(home)
+    generations = [e for e in events if e["schema"].startswith("alignloop.generation/")]
+    votes = [e for e in events if e["schema"].startswith("alignloop.feedback/")]
+    assert len(generations) >= 6 + 2 + 2 and len(votes) == 2, f"{len(events)} events spooled"
+    assert all(e["user_hash"] is None for e in generations + votes)
+    # Each event names the arm and adapter version its response named.
+    assert all(answers[e["request_id"]] == (e["arm"], e["adapter_version"]) for e in generations + votes
+               if e["request_id"] in answers)
+    assert {(e["arm"], e["adapter_version"]) for e in votes} == arms
+    assert anon_id not in json.dumps(events) and anon_id not in log_path.read_text()
 
 
 def _png(b64: str) -> np.ndarray:
@@ -299,15 +496,14 @@ def test_passes_are_split_by_adapter_and_weight_changes_run_between_passes():
     from alignloop.serving.batching import DiffusionBatcher
     from alignloop.serving.sampler import candidate_seeds
 
-    events, pipe = [], FakePipeline(delay_s=0.02)
-    original = pipe.__call__
+    events, active = [], [None]
 
-    def recording(**kw):
-        events.append(("pass", active[0], len(kw["prompt"])))
-        return original(**kw)
+    class Recording(FakePipeline):  # a pipeline object: alignloop.generation.generate configures its progress bar
+        def __call__(self, **kw):
+            events.append(("pass", active[0], len(kw["prompt"])))
+            return super().__call__(**kw)
 
-    active = [None]
-    batcher = DiffusionBatcher(lambda **kw: recording(**kw), max_batch_images=16, wait_ms=20,
+    batcher = DiffusionBatcher(Recording(delay_s=0.02), max_batch_images=16, wait_ms=20,
                                activate=lambda adapter: active.__setitem__(0, adapter))
     try:
         futures = [batcher.submit(f"p{i}", candidate_seeds(i, 3), 4, 7.5, adapter=a)
