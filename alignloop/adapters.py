@@ -29,9 +29,12 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from alignloop.errors import UserFacingError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads DEFAULT_TARGET_MODULES at start-up
+    import torch
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 MANIFEST = "manifest.json"  # alignloop.registry.MANIFEST
@@ -231,7 +234,7 @@ def validate_adapter(folder, base_identity: dict, unet, max_rank: int, reference
     # 5. Keys: every key a LoRA factor of a Linear / Conv2d module of this UNet, matched by the target modules,
     #    with the shapes that module and the rank imply; both factors present.
     modules = dict(unet.named_modules())
-    factors: dict[str, dict[str, "torch.Tensor"]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state_dict.items():
         match = _KEY.match(key)

@@ -264,9 +264,9 @@ def _canary(args) -> int:
 
 
 def _watch(args) -> int:
-    import dataclasses
     import logging
 
+    from alignloop.cli import config_from_args
     from alignloop.feedback import broker
     from alignloop.feedback.config import Topics
     from alignloop.guardrail import GuardrailConfig, GuardrailError, watch
@@ -274,10 +274,7 @@ def _watch(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
-    try:
-        config = GuardrailConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuardrailConfig)})
-    except ValueError as err:
-        raise GuardrailError(str(err)) from None
+    config = config_from_args(GuardrailConfig, args)
     bootstrap = args.bootstrap or kafka_bootstrap()
     if not broker.reachable(bootstrap):
         raise GuardrailError(f"no Kafka broker answers at {bootstrap}; start one with `alignloop kafka up`")

@@ -37,6 +37,7 @@ import torch
 
 from alignloop.adapters import AdapterRejected, base_model_identity, validate_adapter
 from alignloop.serving import metrics
+from alignloop.serving.polling import Poller
 from alignloop.serving.config import ArmSpec
 
 log = logging.getLogger("alignloop.serving")
@@ -188,8 +189,10 @@ class RoutingTable:
         return {a.adapter for a in self.arms if a.adapter != BASE}
 
 
-class RolloutFollower:
+class RolloutFollower(Poller):
     """Keeps a worker's routing table on the registry's current rollout (poll every `poll_s` seconds)."""
+
+    thread_name = "rollout-follower"
 
     def __init__(self, slots: AdapterSlots, registry_url: Optional[str], config_arms, poll_s: float = 0.5,
                  source: Optional[Callable] = None):
@@ -203,8 +206,6 @@ class RolloutFollower:
         self._source = source or self._current_rollout
         self._refused: dict = {}  # version -> the manifest (or error) it was refused with
         self.last_switch: dict = {}
-        self._stop = threading.Event()
-        self._thread = None
 
     def _current_rollout(self):
         from alignloop.rollout import current_rollout
@@ -263,18 +264,3 @@ class RolloutFollower:
 
     def refused(self) -> list:
         return sorted(str(k) for k in self._refused)
-
-    def start(self) -> "RolloutFollower":
-        self.reconcile()
-        self._thread = threading.Thread(target=self._run, name="rollout-follower", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.reconcile()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -14,12 +14,12 @@ current model keeps serving, and that version is not retried until the registry'
 """
 
 import logging
-import threading
 from typing import Optional
 
 import torch
 
 from alignloop.serving import metrics
+from alignloop.serving.polling import Poller
 
 log = logging.getLogger("alignloop.serving")
 CLIP_SCORE = "clip"  # the name of the reward when no head is live
@@ -46,8 +46,10 @@ class RewardSlot:
         log.info("reward model %s replaces %s", name, previous)
 
 
-class RegistryFollower:
+class RegistryFollower(Poller):
     """Keeps a RewardSlot on the registry's live reward model (poll every `poll_s` seconds)."""
+
+    thread_name = "reward-follower"
 
     def __init__(self, slot: RewardSlot, registry_url: Optional[str] = None, backend: str = "auto",
                  poll_s: float = 30.0):
@@ -59,8 +61,6 @@ class RegistryFollower:
         self.backend = backend
         self.poll_s = poll_s
         self._refused = {}  # version -> manifest it was refused with, so a bad head is not reloaded every poll
-        self._stop = threading.Event()
-        self._thread = None
 
     def reconcile(self) -> Optional[str]:
         """One check: loads and swaps in the live head if it is new and sound. Returns the name now current when
@@ -93,18 +93,3 @@ class RegistryFollower:
         if smoke.shape != (2,) or not torch.isfinite(smoke).all() or not ((smoke >= 0) & (smoke <= 1)).all():
             raise ValueError(f"reward {version} scored a smoke image {smoke.tolist()}, not two values in [0, 1]")
         return scorer
-
-    def start(self) -> "RegistryFollower":
-        self.reconcile()
-        self._thread = threading.Thread(target=self._run, name="reward-follower", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.reconcile()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)

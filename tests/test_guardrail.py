@@ -136,7 +136,7 @@ def test_watch_refuses_bad_flags_and_an_unreachable_broker(tmp_path, capsys):
     assert capsys.readouterr().err == ("alignloop: error: no Kafka broker answers at 127.0.0.1:1; start one with "
                                        "`alignloop kafka up`\n")
     assert main(base + ["--min-votes", "0"]) == 2
-    assert capsys.readouterr().err == "alignloop: error: min_votes must be an integer >= 1, got 0\n"
+    assert capsys.readouterr().err == "alignloop: error: --min-votes must be an integer >= 1, got 0\n"
 
 
 # -- against the real broker --------------------------------------------------------------------------------

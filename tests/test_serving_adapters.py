@@ -148,19 +148,24 @@ def test_admin_publish_canary_promote_rollback(admin, tmp_path):
 
 # -- reconciliation in-process ---------------------------------------------------------------------------------------
 
-def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path):
+def _one_worker(tmp_path):
+    """A worker's adapter machinery in-process: (pipe, base identity, a copy of the base UNet, registry, batcher,
+    slots, a follower of the registry's rollout polling every 0.1 s)."""
     from alignloop.models import load_generator
     from alignloop.serving.adapter_slots import AdapterSlots, RolloutFollower
     from alignloop.serving.batching import DiffusionBatcher
 
     pipe = load_generator(device="cpu")
-    identity = base_model_identity(pipe)
-    base_unet = __import__("copy").deepcopy(pipe.unet)
     registry = Registry(tmp_path / "reg")
     batcher = DiffusionBatcher(pipe, max_batch_images=8, wait_ms=0)
     slots = AdapterSlots(pipe, batcher, max_slots=3, max_rank=16)
     batcher.activate = slots.activate
     follower = RolloutFollower(slots, str(tmp_path / "reg"), (ArmSpec("A", "base", 1.0),), poll_s=0.1)
+    return pipe, base_model_identity(pipe), __import__("copy").deepcopy(pipe.unet), registry, batcher, slots, follower
+
+
+def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path):
+    pipe, identity, base_unet, registry, batcher, slots, follower = _one_worker(tmp_path)
     try:
         assert follower.reconcile() is False and follower.table.rollout_id == "config"
         good = publish(registry, *make_adapter(base_unet, tmp_path / "good", seed=1), identity)
@@ -190,18 +195,7 @@ def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path
 def test_the_previous_live_adapter_stays_resident_for_an_instant_rollback(tmp_path):
     """Four promotions through three slots: the oldest is evicted, the previous live one is not, so rolling back
     (twice, even) switches the routing table without loading anything."""
-    from alignloop.models import load_generator
-    from alignloop.serving.adapter_slots import AdapterSlots, RolloutFollower
-    from alignloop.serving.batching import DiffusionBatcher
-
-    pipe = load_generator(device="cpu")
-    identity = base_model_identity(pipe)
-    base_unet = __import__("copy").deepcopy(pipe.unet)
-    registry = Registry(tmp_path / "reg")
-    batcher = DiffusionBatcher(pipe, max_batch_images=8, wait_ms=0)
-    slots = AdapterSlots(pipe, batcher, max_slots=3, max_rank=16)
-    batcher.activate = slots.activate
-    follower = RolloutFollower(slots, str(tmp_path / "reg"), (ArmSpec("A", "base", 1.0),), poll_s=0.1)
+    pipe, identity, base_unet, registry, batcher, slots, follower = _one_worker(tmp_path)
     try:
         versions = [publish(registry, *make_adapter(base_unet, tmp_path / f"a{i}", seed=30 + i), identity).version
                     for i in range(4)]

@@ -3,7 +3,6 @@
 Imports of torch and the models happen inside the command functions, keeping `alignloop --help` fast.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -95,13 +94,10 @@ def add_benchmarks(bench_subparsers) -> None:
 
 
 def _train_reward(args) -> int:
-    from alignloop.errors import UserFacingError
+    from alignloop.cli import config_from_args
     from alignloop.trainer.reward_model import RewardTrainConfig, train_reward
 
-    try:
-        config = RewardTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RewardTrainConfig)})
-    except ValueError as err:  # the message names the field; say which flag sets it
-        raise UserFacingError(f"--{str(err).split(' ', 1)[0].replace('_', '-')} {str(err).split(' ', 1)[1]}") from None
+    config = config_from_args(RewardTrainConfig, args)
     report = train_reward(args.snapshot, config, out=args.out, registry=args.registry, publish=not args.no_publish,
                           clip_spec=args.clip, clip_checkpoint=args.clip_checkpoint, progress=not args.no_progress,
                           log=(lambda *a: None) if args.json else print)
@@ -131,13 +127,10 @@ def _bench_reward(args) -> int:
 
 
 def _train_lora(args) -> int:
-    from alignloop.errors import UserFacingError
+    from alignloop.cli import config_from_args
     from alignloop.trainer.finetune_job import finetune_from_snapshot
 
-    try:
-        config = args.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args.config_class)})
-    except ValueError as err:
-        raise UserFacingError(f"--{str(err).split(' ', 1)[0].replace('_', '-')} {str(err).split(' ', 1)[1]}") from None
+    config = config_from_args(args.config_class, args)
     report = finetune_from_snapshot(args.method, args.snapshot, config, out=args.out, registry=args.registry,
                                     publish=not args.no_publish, reward_version=args.reward_version,
                                     eval_prompts=args.eval_prompts, progress=not args.no_progress,

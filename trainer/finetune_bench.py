@@ -41,7 +41,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
     from alignloop.rewards import get_reward
     from alignloop.trainer.config import KtoConfig, PpoConfig, ReflConfig, RewardTrainConfig, RwrConfig
     from alignloop.trainer.finetune_data import draw_samples, rater_votes, seen_prompts
-    from alignloop.trainer.finetune_eval import draw_eval_images, evaluate_adapter, image_grid
+    from alignloop.trainer.finetune_eval import evaluate_adapter, image_grid
+    from alignloop.world.evaluate import draw_split_images
     from alignloop.trainer.reward_model import train_reward_from_arrays
     from alignloop.settings import home
 
@@ -84,7 +85,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
             f"{result['fidelity_fd']:.4f} diversity {result['diversity']:.4f}")
 
     evaluate("base", pipe)
-    grid_prompts, base_grid = draw_eval_images(pipe, "unseen", 6, 20, 5.0, seed, max_prompts=8, progress=False)
+    _, _, base_grid = draw_split_images(pipe, "unseen", 6, 20, 5.0, seed, max_prompts=8, progress=False)
 
     configs = {
         "rwr": RwrConfig(seed=seed), "rwr_conditional": RwrConfig(seed=seed, guided_loss=False),
@@ -101,7 +102,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
         report["seconds"][name] = round(time.monotonic() - t0, 1)
         report["training"][name] = {"config": config.to_dict(), "last": _last_metrics(out_dir / name)}
         evaluate(name, trained_run.pipe)
-        _, grid = draw_eval_images(trained_run.pipe, "unseen", 6, 20, 5.0, seed, max_prompts=8, progress=False)
+        _, _, grid = draw_split_images(trained_run.pipe, "unseen", 6, 20, 5.0, seed, max_prompts=8, progress=False)
         image_grid([row for pair in zip(base_grid.reshape(8, 6, *base_grid.shape[1:]),
                                         grid.reshape(8, 6, *grid.shape[1:])) for row in pair],
                    out_dir / f"grid-base-vs-{name}.png")

@@ -18,30 +18,10 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from alignloop.world.evaluate import image_seed, summarize
-from alignloop.world.grammar import all_prompts, split
+from alignloop.world.evaluate import draw_split_images, summarize
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch
-
-
-def draw_eval_images(pipe, split_name: str, per_prompt: int, steps: int, guidance: float, seed: int,
-                     max_prompts: Optional[int] = None, batch_size: int = 32, progress: bool = True):
-    """(prompts, images uint8 [N, H, W, 3]) with world eval's per-image seeds."""
-    from alignloop.generation import generate
-
-    prompts = list(split(split_name))
-    if max_prompts:
-        prompts = random.Random(seed).sample(prompts, min(max_prompts, len(prompts)))
-    index = {p: i for i, p in enumerate(all_prompts())}
-    jobs = [(p, image_seed(seed, index[p], j)) for p in prompts for j in range(per_prompt)]
-    images = []
-    for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {split_name}", disable=not progress):
-        chunk = jobs[start:start + batch_size]
-        images.append(generate(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance,
-                               output_type="uint8"))
-    return [p for p, _ in jobs], np.concatenate(images)
 
 
 @torch.no_grad()
@@ -78,8 +58,8 @@ def evaluate_adapter(pipe, clip, split_name: str = "unseen", per_prompt: int = 4
     """The pipeline as it is now (its active adapter, if any): oracle pass rates, fidelity and diversity."""
     if per_prompt < 2:
         raise ValueError(f"per_prompt must be >= 2 to measure diversity, got {per_prompt}")
-    prompts, images = draw_eval_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
-                                       progress=progress)
+    prompts, _, images = draw_split_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
+                                           progress=progress)
     report = summarize(prompts, [judge(im, p) for im, p in zip(images, prompts)])
     renders, _ = render_batch(prompts, random.Random(seed), avoid_unseen=split_name != "unseen")
     generated = clip_embeddings(clip, images)

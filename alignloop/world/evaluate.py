@@ -56,22 +56,31 @@ def summarize(prompts, verdicts) -> dict:
     }
 
 
-def evaluate_generator(pipe, split_name: str = "unseen", per_prompt: int = 4, steps: int = 20,
-                       guidance: float = 5.0, seed: int = 0, max_prompts: int = None, batch_size: int = 32,
-                       progress: bool = True) -> dict:
+def draw_split_images(pipe, split_name: str, per_prompt: int, steps: int, guidance: float, seed: int,
+                      max_prompts: int = None, batch_size: int = 32, progress: bool = True):
+    """(prompts, seeds, images uint8 [N, H, W, 3]): `per_prompt` images of each prompt of a split (a seeded sample of
+    `max_prompts` of them when given), image j of a prompt drawn from image_seed(seed, prompt index, j)."""
     prompts = list(split(split_name))
     if max_prompts:
         prompts = random.Random(seed).sample(prompts, min(max_prompts, len(prompts)))
     index = {p: i for i, p in enumerate(all_prompts())}
     jobs = [(p, image_seed(seed, index[p], j)) for p in prompts for j in range(per_prompt)]
-    verdicts = []
+    images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {split_name}", disable=not progress):
         chunk = jobs[start:start + batch_size]
-        images = generate(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance, output_type="uint8")
-        verdicts += [judge(image, p) for image, (p, _) in zip(images, chunk)]
-    result = summarize([p for p, _ in jobs], verdicts)
-    result.update(split=split_name, prompts=len(prompts), per_prompt=per_prompt, steps=steps, guidance=guidance,
-                  seed=seed, seeds=[s for _, s in jobs],
+        images.append(generate(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance,
+                               output_type="uint8"))
+    return [p for p, _ in jobs], [s for _, s in jobs], np.concatenate(images)
+
+
+def evaluate_generator(pipe, split_name: str = "unseen", per_prompt: int = 4, steps: int = 20,
+                       guidance: float = 5.0, seed: int = 0, max_prompts: int = None, batch_size: int = 32,
+                       progress: bool = True) -> dict:
+    prompts, seeds, images = draw_split_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
+                                               batch_size, progress)
+    result = summarize(prompts, [judge(image, p) for image, p in zip(images, prompts)])
+    result.update(split=split_name, prompts=len(prompts) // per_prompt, per_prompt=per_prompt, steps=steps,
+                  guidance=guidance, seed=seed, seeds=seeds,
                   seed_rule="seed = (base * 1000003 + index_in_all_prompts * 1000 + j) mod 2**31")
     return result
 

@@ -1,0 +1,27 @@
+"""A worker's followers of the registry (reward model, rollout) poll it: no state may live only in one worker."""
+
+import threading
+
+
+class Poller:
+    """Calls `reconcile()` once at `start()`, then every `poll_s` seconds on a daemon thread until `close()`.
+    Subclasses set `poll_s` and define `reconcile()` (which must not raise: the next poll tries again)."""
+
+    poll_s: float
+    thread_name = "registry-poller"
+
+    def start(self):
+        self._stop = threading.Event()
+        self.reconcile()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.reconcile()
+
+    def close(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
