@@ -276,7 +276,7 @@ def test_metrics_and_logs(generation, served):
     served.post("/feedback", {"feedback_token": "v1.x.y", "vote": "up"})
     text = served.get("/metrics").text
     for name in ('alignloop_serving_stage_seconds_bucket{le="0.001",stage="sampling"}', "alignloop_serving_request_n_count",
-                 'alignloop_serving_reward_count{arm="A",kind="chosen"}', 'alignloop_serving_votes_total{arm="A"',
+                 'alignloop_serving_reward_count{arm="A",kind="chosen"}', 'alignloop_serving_votes_total{adapter="base",arm="A"',
                  'alignloop_serving_feedback_rejected_total{reason="malformed"}', "alignloop_serving_pass_images_count"):
         assert name in text, name
     log = served.log_text()
