@@ -320,4 +320,5 @@ def test_quick_finetune_benchmark_reports_every_method_side_by_side(tmp_path, ca
     assert report["ratio"] > 0 and report["best"] in ("rwr", "ppo", "refl", "kto") and report["machine"]
     for method in ("rwr", "ppo", "refl", "kto"):
         assert (tmp_path / f"grid-base-vs-{method}.png").is_file()
+        assert (tmp_path / method / "adapter" / "pytorch_lora_weights.safetensors").is_file()
         assert report["training"][method]["last"]["step"] == report["training"][method]["config"]["steps"]

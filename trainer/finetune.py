@@ -15,10 +15,11 @@ The denoising loss comes in two forms, both per sample ([B]) so that a method ca
   the loss for the model's own samples.
   Samples drawn at guidance w come from the guided model; regressing the conditional branch alone onto them
   teaches it the guided score, and sampling again at w then guides twice: ε_u + w·(ε̃ − ε_u) =
-  ε_u + w²·(ε_c − ε_u). In the shapes world that oversaturates backgrounds and colors, the aspects the votes
-  never asked to change (`alignloop bench finetune` keeps the measurement as a row). Fitting the guided
-  prediction to its own samples has no such fixed-point drift: with uniform weights its gradient is zero
-  in expectation, so only the rewards move it.
+  ε_u + w²·(ε_c − ε_u). In the shapes world that degrades backgrounds, shapes and counts, aspects the votes
+  never asked to change (`alignloop bench finetune` keeps the measurement as the row `rwr_conditional`). The
+  guided prediction fitted to its own samples has no such fixed point to drift to (the sampler that drew them
+  already fits them), so in principle only the rewards move it. Measured, it keeps background and color, but
+  the count still drifts down the longer RWR trains (README, Fine-tuning).
 """
 
 import json

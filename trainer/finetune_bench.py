@@ -100,6 +100,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
         trained_run = train_method(name, config, samples, votes, learned, learned_scores, clip, trained.head,
                                    out_dir / name, progress)
         report["seconds"][name] = round(time.monotonic() - t0, 1)
+        trained_run.finish({"benchmark": "finetune", "seed": seed})  # out_dir/<method>/adapter, for a second look
         report["training"][name] = {"config": config.to_dict(), "last": _last_metrics(out_dir / name)}
         evaluate(name, trained_run.pipe)
         _, _, grid = draw_split_images(trained_run.pipe, "unseen", 6, 20, 5.0, seed, max_prompts=8, progress=False)
