@@ -265,6 +265,12 @@ def test_train_kto_from_a_snapshot_publishes_a_candidate_with_its_manifest(pipe,
     assert manifest.state == "candidate" and manifest.config["method"] == "kto"
     assert manifest.base["unet_sha256"] and manifest.data["snapshot_version"] == "v000001"
     assert manifest.data["offsets"] and manifest.data["world"] and "unseen_pass" in manifest.metrics
+    # The same --out resumes: a longer run continues from the saved step instead of starting over.
+    longer = ["--steps", "3", *SMALL_RUN[2:]]
+    assert main(["train", "kto", "--snapshot", str(snapshot), "--registry", registry, "--out", str(tmp_path / "run"),
+                 "--no-publish", *longer]) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -22,6 +22,7 @@ The denoising loss comes in two forms, both per sample ([B]) so that a method ca
   the count still drifts down the longer RWR trains (README, Fine-tuning).
 """
 
+import contextlib
 import json
 import random
 import time
@@ -128,28 +129,26 @@ class LoraRun:
             base = F.mse_loss(self.predict(noisy, t, texts, guidance), noise, reduction="none").mean(dim=(1, 2, 3))
         return policy, base
 
-    def pretraining_loss(self, batch_size: int) -> torch.Tensor:
-        """β's term: the base model's own loss on fresh renders of seen prompts (held-out pairs avoided), with
-        the base's share of empty prompts so that the unconditional branch stays anchored too."""
+    def pretraining_loss(self) -> torch.Tensor:
+        """β's term (unweighted): the base model's own loss on `pretrain_batch_size` fresh renders of seen prompts
+        (held-out pairs avoided), with the base's share of empty prompts so that the unconditional branch stays
+        anchored too. Zero, and nothing rendered, when the config's pretrain_weight is 0."""
         from alignloop.trainer.finetune_data import seen_renders
 
-        prompts, images = seen_renders(self.rng, batch_size)
+        if not self.config.pretrain_weight:
+            return torch.zeros((), device=self.device)
+        prompts, images = seen_renders(self.rng, self.config.pretrain_batch_size)
         texts = ["" if self.rng.random() < self.config.uncond_prob else p.text for p in prompts]
         return self.denoising_loss(self.encode_images(images), texts).mean()
 
-    class _Disabled:
-        def __init__(self, unet):
-            self.unet = unet
-
-        def __enter__(self):
-            self.unet.disable_adapters()
-
-        def __exit__(self, *exc):
-            self.unet.enable_adapters()
-
+    @contextlib.contextmanager
     def base(self):
         """Context in which the UNet is the frozen base (the LoRA switched off)."""
-        return self._Disabled(self.unet)
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
 
     # -- the loop -------------------------------------------------------------------------------------------
 

@@ -18,13 +18,15 @@ The last line is one JSON object; `ratio` is the best method's unseen pass rate 
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-METHODS = ("rwr", "ppo", "refl", "kto")
+from alignloop.trainer.finetune_job import METHODS
+
 ASPECTS = ("count", "color", "shape", "background")
 FULL = {"train_prompts": None, "per_prompt": 8, "votes": 3000, "eval_prompts": None, "eval_per_prompt": 4, "steps": {}}
 # --quick shows that each code path learns something, not how much: few samples, few steps, few eval prompts.
@@ -42,6 +44,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
     from alignloop.trainer.config import KtoConfig, PpoConfig, ReflConfig, RewardTrainConfig, RwrConfig
     from alignloop.trainer.finetune_data import draw_samples, rater_votes, seen_prompts
     from alignloop.trainer.finetune_eval import evaluate_adapter, image_grid
+    from alignloop.trainer.finetune_job import train_method
     from alignloop.world.evaluate import draw_split_images
     from alignloop.trainer.reward_model import train_reward_from_arrays
     from alignloop.settings import home
@@ -96,6 +99,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
         if name in settings["steps"]:
             config = dataclasses.replace(config, steps=settings["steps"][name],
                                          batch_size=settings.get("batch_size", config.batch_size))
+        shutil.rmtree(out_dir / name, ignore_errors=True)  # the bench starts each run afresh, never resumes one
         t0 = time.monotonic()
         trained_run = train_method(name, config, samples, votes, learned, learned_scores, clip, trained.head,
                                    out_dir / name, progress)
@@ -116,33 +120,6 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, methods=METHODS, expl
                   total_seconds=round(time.monotonic() - started, 1))
     (out_dir / "bench-finetune.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def train_method(name: str, config, samples, votes, learned, learned_scores, clip, head, out_dir: Path,
-                 progress: bool):
-    """One method's LoRA run from the base (a fresh folder: the bench never resumes another run's state)."""
-    import shutil
-
-    from alignloop.trainer.finetune_data import seen_prompts
-
-    shutil.rmtree(out_dir, ignore_errors=True)
-    if name.startswith("rwr"):
-        from alignloop.trainer.rwr import sample_weights, train_rwr
-
-        return train_rwr(config, samples, sample_weights(votes, learned_scores, config), out_dir, progress)
-    if name == "kto":
-        from alignloop.trainer.kto import train_kto
-
-        return train_kto(config, samples, votes, out_dir, progress)
-    if name == "ppo":
-        from alignloop.trainer.ppo import default_rewards, train_ppo
-
-        return train_ppo(config, seen_prompts(), default_rewards(learned, config), out_dir, progress)
-    if name == "refl":
-        from alignloop.trainer.refl import DifferentiableReward, train_refl
-
-        return train_refl(config, seen_prompts(), DifferentiableReward(clip, head), out_dir, progress)
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
 def _last_metrics(folder: Path) -> Optional[dict]:

@@ -94,6 +94,30 @@ class adapter_active:
             self.pipe.unet.delete_adapters("data_source")
 
 
+def train_method(name: str, config, samples, votes, learned, learned_scores, clip, head, out_dir: Path,
+                 progress: bool):
+    """One method's LoRA run from the base into `out_dir` (resumed when it holds this config's checkpoint)."""
+    from alignloop.trainer.finetune_data import seen_prompts
+
+    if name.startswith("rwr"):
+        from alignloop.trainer.rwr import sample_weights, train_rwr
+
+        return train_rwr(config, samples, sample_weights(votes, learned_scores, config), out_dir, progress)
+    if name == "kto":
+        from alignloop.trainer.kto import train_kto
+
+        return train_kto(config, samples, votes, out_dir, progress)
+    if name == "ppo":
+        from alignloop.trainer.ppo import default_rewards, train_ppo
+
+        return train_ppo(config, seen_prompts(), default_rewards(learned, config), out_dir, progress)
+    if name == "refl":
+        from alignloop.trainer.refl import DifferentiableReward, train_refl
+
+        return train_refl(config, seen_prompts(), DifferentiableReward(clip, head), out_dir, progress)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
 def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Path] = None,
                            registry: Optional[str] = None, publish: bool = True,
                            reward_version: Optional[str] = None, eval_prompts: int = 32, progress: bool = True,
@@ -124,8 +148,6 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
                               "combinations must not enter the feedback loop")
 
     # 2. Train
-    from alignloop.trainer.finetune_bench import train_method
-
     clip = load_clip(device=config.device or None)
     learned, head, reward_source = None, None, None
     if method in ("ppo", "refl") or (method == "rwr" and (votes == 0).any()):

@@ -52,7 +52,7 @@ def train_kto(config: KtoConfig, samples: Samples, votes: np.ndarray, out_dir: P
                                                         config.sample_min_timestep)
         kto, stats = kto_loss(policy_error, base_error, up, config)
         # 3. β_pre · the base's own loss on fresh renders of seen prompts
-        pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())
+        pretrain_loss = run.pretraining_loss()
         loss = kto + config.pretrain_weight * pretrain_loss
         run.update(loss, {"kto_loss": kto.item(), "pretrain_loss": pretrain_loss.item(), **stats})
     return run

@@ -90,9 +90,8 @@ def train_ppo(config: PpoConfig, prompts: Sequence, rewards: dict, out_dir: Path
         rows = list(range(update * config.batch_size, (update + 1) * config.batch_size))
         part = rollout.subset(rows)
         part_advantages = advantages[rows].to(run.device)
-        steps = len(rollout.timesteps)
-        chosen = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(run.rng.randrange(2**31)))
-                              [:config.train_timesteps] for _ in rows], dim=1)  # [train_timesteps, B]
+        steps = range(len(rollout.timesteps))
+        chosen = torch.tensor([run.rng.sample(steps, config.train_timesteps) for _ in rows]).T  # [train_timesteps, B]
         policy_loss, stats = 0.0, collections.defaultdict(float)
         for index in chosen:
             new = step_log_prob(run.pipe, part, index, **sampler)
@@ -101,7 +100,7 @@ def train_ppo(config: PpoConfig, prompts: Sequence, rewards: dict, out_dir: Path
             policy_loss = policy_loss + loss / config.train_timesteps
             for k, v in s.items():
                 stats[k] += v / config.train_timesteps
-        pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())
+        pretrain_loss = run.pretraining_loss()
         total = policy_loss + config.pretrain_weight * pretrain_loss
         run.update(total, {"policy_loss": policy_loss.item(), "pretrain_loss": pretrain_loss.item(), **stats,
                            **reward_stats})

@@ -83,7 +83,7 @@ def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableRewa
             base_mean, _ = ddim_mean_std(scheduler, base_eps, latents, t, config.eta)
         kl = ((mean - base_mean) ** 2 / (2 * std ** 2)).mean()
         # 4. The objective
-        pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())
+        pretrain_loss = run.pretraining_loss()
         loss = -config.reward_weight * score + config.kl_weight * kl + config.pretrain_weight * pretrain_loss
         run.update(loss, {"reward": score.item(), "kl": kl.item(), "pretrain_loss": pretrain_loss.item(),
                           "step_index": index})

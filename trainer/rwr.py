@@ -44,7 +44,7 @@ def train_rwr(config: RwrConfig, samples: Samples, weights: np.ndarray, out_dir:
         guidance = config.guidance if config.guided_loss else None
         sample_loss = run.denoising_loss(batch, batch_texts, guidance, config.sample_min_timestep).mean()
         # 3. β · the base's own loss on fresh renders of seen prompts
-        pretrain_loss = run.pretraining_loss(config.pretrain_batch_size) if config.pretrain_weight else torch.zeros(())
+        pretrain_loss = run.pretraining_loss()
         loss = sample_loss + config.pretrain_weight * pretrain_loss
         run.update(loss, {"sample_loss": sample_loss.item(), "pretrain_loss": pretrain_loss.item()})
     return run
