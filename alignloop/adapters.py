@@ -124,6 +124,8 @@ def save_adapter(unet, folder, adapter_name: str, metadata: Optional[dict] = Non
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
+    from alignloop.durable import fsync_dir, fsync_file
+
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; save_adapter writes a folder")
@@ -145,11 +147,11 @@ def save_adapter(unet, folder, adapter_name: str, metadata: Optional[dict] = Non
                       metadata={**header, **{str(k): str(v) for k, v in metadata.items()}})
         if not (tmp / WEIGHTS).is_file():
             raise RuntimeError(f"diffusers wrote no {WEIGHTS} into {tmp}")
-        with open(tmp / WEIGHTS, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp / WEIGHTS)
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
+        fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder / WEIGHTS

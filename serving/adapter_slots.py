@@ -31,11 +31,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
 
 from alignloop.adapters import AdapterRejected, base_model_identity, validate_adapter
+from alignloop.generation import generate
 from alignloop.serving import metrics
 from alignloop.serving.polling import Poller
 from alignloop.serving.config import ArmSpec
@@ -65,13 +67,18 @@ class AdapterSlots:
         self.batcher = batcher
         self.max_rank = max_rank
         self.smoke_steps = smoke_steps
-        self.identity = base_model_identity(pipe)
         self._slots = [_Slot(f"slot{i:02d}") for i in range(max_slots)]
         self.reference_modules: Optional[frozenset] = None  # modules of the first adapter loaded here
         self._active: Optional[str] = None  # adapter the UNet is set to now (batcher thread only)
         self._loading = threading.Lock()  # one load at a time from this side too
         self.loads = 0  # adapters loaded (fresh or hot-swapped)
         self.last_timings: dict = {}  # validate_s, load_s, smoke_s of the last load (the benchmark reads them)
+
+    @cached_property
+    def identity(self) -> dict:
+        """The base UNet's identity, hashed on first need (a load, GET /admin/rollout), not at start-up: it reads
+        every UNet weight file, and a worker that serves no adapter never needs it."""
+        return base_model_identity(self.pipe)
 
     # -- what is resident ---------------------------------------------------------------------------------------
 
@@ -138,10 +145,8 @@ class AdapterSlots:
         # 3. Smoke generation with it: one image, a few steps, finite.
         started = time.perf_counter()
         self._set_active(slot.name)
-        with torch.inference_mode():
-            out = self.pipe(prompt=["a smoke test"], num_inference_steps=self.smoke_steps, guidance_scale=5.0,
-                            generator=[torch.Generator("cpu").manual_seed(0)], output_type="pt")
-        if not torch.isfinite(out.images).all():
+        images = generate(self.pipe, ["a smoke test"], [0], self.smoke_steps, 5.0)
+        if not torch.isfinite(images).all():
             raise AdapterRejected(f"adapter {report.version}: the smoke generation gave NaN or Inf pixels")
         smoke_s = time.perf_counter() - started
 
