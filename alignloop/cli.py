@@ -41,12 +41,13 @@ def add_config_args(parser: argparse.ArgumentParser, config) -> None:
 
 
 def config_from_args(config_class, args):
-    """The config built from the flags `add_config_args` made; a field's ValueError ("lr must be > 0, got 0") comes
+    """The config built from the flags `add_config_args` made (tuple fields as tuples); a field's ValueError ("lr must be > 0, got 0") comes
     back as the flag's ("--lr must be > 0, got 0"), a one-line error for the user."""
     from alignloop.errors import UserFacingError
 
     try:
-        return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+        return config_class(**{f.name: tuple(v) if isinstance(v, list) else v  # nargs="+" flags give lists
+                                for f in dataclasses.fields(config_class) for v in [getattr(args, f.name)]})
     except ValueError as err:
         field, _, rest = str(err).partition(" ")
         raise UserFacingError(f"--{field.replace('_', '-')} {rest}") from None

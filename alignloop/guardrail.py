@@ -344,9 +344,8 @@ class Guardrail:
     def _count(self, event) -> None:
         if event.event_id in self.seen or event.ts < self.rollout.started_at:
             return
-        stats = next((s for s in self.stats.values()
-                      if s.arm == event.arm and s.adapter == event.adapter_version), None)
-        if stats is None:  # another arm, or what an arm served under an earlier rollout
+        stats = self.stats.get(event.arm)
+        if stats is None or stats.adapter != event.adapter_version:  # another arm, or an earlier rollout's adapter
             return
         self.seen.add(event.event_id)
         if isinstance(event, FeedbackEvent):

@@ -158,8 +158,7 @@ class Registry:
 
     def live(self, kind: str) -> Optional[Manifest]:
         """The live version, or None. Should a crash have left two, the one made live most recently."""
-        live = [m for m in self.versions(kind) if m.state == "live"]
-        return max(live, key=lambda m: m.history[-1].at, default=None)
+        return newest_live(self.versions(kind))
 
     def latest(self, kind: str, state: Optional[str] = None) -> Optional[Manifest]:
         """The highest-numbered complete version (in `state`, if given), or None.
@@ -170,12 +169,7 @@ class Registry:
         _check_kind(kind)
         if state is not None:
             _check_state(state)
-        self._forget_listings()
-        try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._dir(kind), detail=False)]
-        except FileNotFoundError:
-            return None
-        for version in sorted((n for n in names if _VERSION.match(n)), key=_number, reverse=True):
+        for version in sorted(self._claimed(kind), key=_number, reverse=True):
             try:
                 manifest = self._read_manifest(kind, version)
             except FileNotFoundError:  # claimed, still being written (or abandoned by a crash): not visible
@@ -334,14 +328,18 @@ class Registry:
                                 f"{manifest.version}; fix or remove that folder")
         return manifest
 
-    def _highest(self, kind: str) -> int:
-        """The highest number claimed so far, complete or not."""
+    def _claimed(self, kind: str) -> list[str]:
+        """Every version folder of `kind` claimed so far, complete or not; one fresh listing."""
         self._forget_listings()
         try:
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._dir(kind), detail=False)]
         except FileNotFoundError:
-            return 0
-        return max((_number(n) for n in names if _VERSION.match(n)), default=0)
+            return []
+        return [n for n in names if _VERSION.match(n)]
+
+    def _highest(self, kind: str) -> int:
+        """The highest number claimed so far, complete or not."""
+        return max(map(_number, self._claimed(kind)), default=0)
 
     def _claim(self, kind: str) -> str:
         if self.local:
@@ -415,6 +413,13 @@ class Registry:
             with open(kind_dir / file_name, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                 yield
+
+
+def newest_live(manifests: list[Manifest]) -> Optional[Manifest]:
+    """The live one of `manifests` (one kind's versions), or None; should a crash have left two, the one made
+    live most recently."""
+    live = [m for m in manifests if m.state == "live"]
+    return max(live, key=lambda m: m.history[-1].at, default=None)
 
 
 _LOCKS: dict[tuple, threading.Lock] = {}

@@ -9,7 +9,11 @@
 
 import json
 
-_REGISTRY_HELP = "fsspec URL or local folder (default: ALIGNLOOP_REGISTRY, else ALIGNLOOP_HOME/registry)"
+
+def add_registry_arg(parser) -> None:
+    """--registry, for every command that reads or changes the registry."""
+    parser.add_argument("--registry", default=None,
+                        help="fsspec URL or local folder (default: ALIGNLOOP_REGISTRY, else ALIGNLOOP_HOME/registry)")
 
 
 def add_commands(subparsers) -> None:
@@ -23,7 +27,7 @@ def add_commands(subparsers) -> None:
                         description="Complete versions, oldest first per kind. The headline is the first entry of "
                                     "a version's metrics.")
     p.add_argument("--kind", default=None, help="only this kind: reward, adapter or rollout (default: every kind)")
-    p.add_argument("--registry", default=None, help=_REGISTRY_HELP)
+    add_registry_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifests as one JSON array instead of a table")
     p.set_defaults(func=_list)
 
@@ -32,7 +36,7 @@ def add_commands(subparsers) -> None:
                                     "state and its history (who, why, when), file checksums.")
     p.add_argument("kind", help="artifact kind: reward, adapter or rollout")
     p.add_argument("version", help="version, e.g. v000003")
-    p.add_argument("--registry", default=None, help=_REGISTRY_HELP)
+    add_registry_arg(p)
     p.set_defaults(func=_show)
 
 
@@ -42,7 +46,7 @@ def _list(args) -> int:
     registry = Registry(args.registry)
     manifests = [m for kind in ([args.kind] if args.kind else KINDS) for m in registry.versions(kind)]
     if args.json:
-        print(json.dumps([json.loads(m.model_dump_json()) for m in manifests], indent=2))
+        print_manifests_json(manifests)
         return 0
     if not manifests:
         print(f"no {args.kind + ' ' if args.kind else ''}versions in {registry.url}")
@@ -52,6 +56,10 @@ def _list(args) -> int:
               headline(m.metrics)) for m in manifests]
     print_table(rows)
     return 0
+
+
+def print_manifests_json(manifests) -> None:
+    print(json.dumps([json.loads(m.model_dump_json()) for m in manifests], indent=2))
 
 
 def print_table(rows: list[tuple]) -> None:

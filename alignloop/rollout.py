@@ -43,7 +43,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, Val
 
 from alignloop.errors import UserFacingError
 from alignloop.events import Label
-from alignloop.registry import Manifest, Registry, RegistryError, Source
+from alignloop.registry import Manifest, Registry, RegistryError, Source, newest_live
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,11 @@ def start_canary(registry: Registry, version: str, share: float, who: str, why: 
         if adapter.state not in ("candidate", "canary"):
             raise RolloutError(f"adapter {version} is {adapter.state}; only a candidate can start a canary"
                                + (" (publish it again to retry it)" if adapter.state == "retired" else ""))
-        others = [m.version for m in registry.versions("adapter") if m.state == "canary" and m.version != version]
+        adapters = registry.versions("adapter")
+        others = [m.version for m in adapters if m.state == "canary" and m.version != version]
         if others:
             raise RolloutError(f"adapter {others[0]} is already in canary; promote it or roll it back first")
-        live = registry.live("adapter")
+        live = newest_live(adapters)
         # 1. The state, so that the rollout below names only an approved version.
         if adapter.state != "canary":
             registry.set_state("adapter", version, "canary", who, why)
@@ -229,7 +230,7 @@ def rollback(registry: Registry, who: str, why: str, numbers: Optional[dict] = N
         _expect(registry, expect_rollout)
         adapters = registry.versions("adapter")
         canaries = [m.version for m in adapters if m.state == "canary"]
-        live = registry.live("adapter")
+        live = newest_live(adapters)
         # 1. States.
         if canaries:
             for version in canaries:

@@ -17,7 +17,7 @@ import json
 import os
 import socket
 
-from alignloop.registry_cli import _REGISTRY_HELP
+from alignloop.registry_cli import add_registry_arg, headline, print_manifests_json, print_table
 
 
 def add_commands(subparsers) -> None:
@@ -31,13 +31,13 @@ def add_commands(subparsers) -> None:
     asub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="COMMAND")
 
     p = asub.add_parser("list", help="adapter versions as a table: state, the arm serving each, headline metric")
-    _registry_arg(p)
+    add_registry_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifests as one JSON array instead of a table")
     p.set_defaults(func=_list)
 
     p = asub.add_parser("show", help="one adapter's manifest as JSON (lineage, base model, metrics, history)")
     p.add_argument("version", help="adapter version, e.g. v000007")
-    _registry_arg(p)
+    add_registry_arg(p)
     p.set_defaults(func=_show)
 
     p = asub.add_parser("publish", help="publish a LoRA folder (pytorch_lora_weights.safetensors) as a candidate",
@@ -76,7 +76,7 @@ def add_commands(subparsers) -> None:
     rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
 
     p = rsub.add_parser("show", help="the current rollout: arms, shares, the adapters' states, why")
-    _registry_arg(p)
+    add_registry_arg(p)
     p.add_argument("--json", action="store_true", help="print the rollout as JSON")
     p.set_defaults(func=_rollout_show)
 
@@ -100,7 +100,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--bootstrap", default=None, help="default: ALIGNLOOP_KAFKA or 127.0.0.1:9092")
     p.add_argument("--topic-prefix", default="", help="read <prefix>alignloop.generations / <prefix>alignloop.feedback")
     p.add_argument("--who", default="guardrail", help="recorded with each decision (default: guardrail)")
-    _registry_arg(p)
+    add_registry_arg(p)
     add_config_args(p, GuardrailConfig())
     for action in p._actions:  # add_config_args says only the default; say what each threshold is
         if action.dest in _GUARDRAIL_HELP:
@@ -128,14 +128,10 @@ _GUARDRAIL_HELP = {  # alignloop.guardrail.GuardrailConfig argues each default
 # -- arguments ----------------------------------------------------------------------------------------------
 
 
-def _registry_arg(parser) -> None:
-    parser.add_argument("--registry", default=None, help=_REGISTRY_HELP)
-
-
 def _change_args(parser) -> None:
     parser.add_argument("--why", required=True, help="the reason, recorded in the history")
     parser.add_argument("--who", default=default_who(), help="recorded in the history (default: $USER@host)")
-    _registry_arg(parser)
+    add_registry_arg(parser)
 
 
 def default_who() -> str:
@@ -158,13 +154,12 @@ def _json_object(text: str) -> dict:
 
 def _list(args) -> int:
     from alignloop.registry import Registry
-    from alignloop.registry_cli import headline, print_table
     from alignloop.rollout import current_rollout
 
     registry = Registry(args.registry)
     manifests = registry.versions("adapter")
     if args.json:
-        print(json.dumps([json.loads(m.model_dump_json()) for m in manifests], indent=2))
+        print_manifests_json(manifests)
         return 0
     if not manifests:
         print(f"no adapter versions in {registry.url}")
@@ -246,8 +241,6 @@ def _rollout_show(args) -> int:
     rows = [("ARM", "SHARE", "ADAPTER", "STATE")]
     rows += [(arm.name, f"{arm.share:.1%}", arm.adapter,
               "-" if arm.adapter == BASE else registry.get("adapter", arm.adapter).state) for arm in current.arms]
-    from alignloop.registry_cli import print_table
-
     print_table(rows)
     for problem in problems(registry, current):
         print(f"warning: {problem}")

@@ -61,14 +61,14 @@ def test_generator_benchmark_times_the_call_against_the_budget():
 
 
 def test_training_flags_fill_the_config_including_per_level_tuples():
-    from alignloop.world.cli import _config_from_args
+    from alignloop.cli import config_from_args
     from alignloop.world.config import GeneratorTrainConfig
 
     args = build_parser().parse_args(["world", "train-generator", "--unet-channels", "48", "64", "96",
                                       "--unet-attention", "0", "1", "1", "--unet-lr", "1e-3"])
-    config = _config_from_args(args, GeneratorTrainConfig)
+    config = config_from_args(GeneratorTrainConfig, args)
     assert config.unet_channels == (48, 64, 96) and config.unet_attention == (0, 1, 1) and config.unet_lr == 1e-3
-    assert _config_from_args(build_parser().parse_args(["world", "train-generator"]), GeneratorTrainConfig) \
+    assert config_from_args(GeneratorTrainConfig, build_parser().parse_args(["world", "train-generator"])) \
         == GeneratorTrainConfig()
 
 

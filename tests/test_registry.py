@@ -9,7 +9,6 @@ import threading
 import uuid
 from datetime import datetime
 
-import fsspec
 import pytest
 
 from alignloop.cli import main
@@ -17,21 +16,12 @@ from alignloop.errors import UserFacingError
 from alignloop.registry import Manifest, Registry, RegistryError, default_registry_url
 
 
-@pytest.fixture(autouse=True)
-def _own_home(tmp_path, monkeypatch):
-    """Each test gets its own ALIGNLOOP_HOME (the fetch cache) and no ALIGNLOOP_REGISTRY from outside."""
-    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("ALIGNLOOP_REGISTRY", raising=False)
+pytestmark = pytest.mark.usefixtures("own_registry_home")
 
 
-@pytest.fixture(params=["local", "memory"])
-def url(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "registry")
-        return
-    url = f"memory://registry-{uuid.uuid4().hex}"
-    yield url
-    fsspec.filesystem("memory").rm(url.removeprefix("memory:/"), recursive=True)
+@pytest.fixture
+def url(registry_url):
+    return registry_url
 
 
 def _publish(reg, payload=b"weights", **changes):

@@ -4,9 +4,7 @@ the rollout staying consistent (also across a crash between them), clear errors,
 
 import json
 import threading
-import uuid
 
-import fsspec
 import pytest
 import torch
 from safetensors.torch import save
@@ -18,20 +16,12 @@ from alignloop.registry import Registry, RegistryError
 from alignloop.rollout import ADAPTER_FILE, Rollout, RolloutArm, RolloutError
 
 
-@pytest.fixture(autouse=True)
-def _own_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("ALIGNLOOP_REGISTRY", raising=False)
+pytestmark = pytest.mark.usefixtures("own_registry_home")
 
 
-@pytest.fixture(params=["local", "memory"])
-def reg(request, tmp_path):
-    if request.param == "local":
-        yield Registry(tmp_path / "registry")
-        return
-    url = f"memory://registry-{uuid.uuid4().hex}"
-    yield Registry(url)
-    fsspec.filesystem("memory").rm(url.removeprefix("memory:/"), recursive=True)
+@pytest.fixture
+def reg(registry_url):
+    return Registry(registry_url)
 
 
 def _lora(value: float = 0.01) -> bytes:

@@ -24,26 +24,22 @@ from alignloop.trainer.finetune import LoraRun
 
 
 class DifferentiableReward:
-    """The learned reward as a function of pixels with gradients: CLIP's image tower (normalized as its
-    preprocessing does) and the head, on images [B, 3, H, W] in [0, 1]."""
+    """The learned reward as a function of pixels with gradients: the scorer's own graph (CLIP's image tower,
+    normalized as its preprocessing does, and the head) on images [B, 3, H, W] in [0, 1], one prompt each."""
 
     def __init__(self, clip, head):
-        normalize = [t for t in clip.preprocess.transforms if type(t).__name__ == "Normalize"]
-        if len(normalize) != 1:
-            raise ValueError(f"expected one Normalize in {clip.name}'s preprocessing, found {len(normalize)}")
-        self.clip, self.head = clip, head.float().eval()
-        self.mean = torch.tensor(normalize[0].mean, device=clip.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalize[0].std, device=clip.device).view(1, 3, 1, 1)
-        for p in list(clip.model.parameters()) + list(self.head.parameters()):
-            p.requires_grad_(False)
+        from alignloop.kernels.onnx_scorer import ScorerGraph
+        from alignloop.rewards.scorer import clip_normalization
+
+        self.clip = clip
+        self.graph = ScorerGraph(clip.model, *clip_normalization(clip), head.float().eval()).to(clip.device)
+        self.graph.requires_grad_(False)  # gradients reach the pixels, never CLIP or the head
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         size = self.clip.image_size
         if images.shape[-1] != size:
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-        image_emb = self.clip.model.encode_image(((images - self.mean) / self.std).to(self.clip.dtype)).float()
-        text_emb = self.clip.encode_texts(list(prompts)).float()
-        return self.head(image_emb, text_emb)
+        return self.graph(images.to(self.clip.dtype), self.clip.encode_texts(list(prompts)).float())
 
 
 def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableReward, out_dir: Path,

@@ -60,6 +60,14 @@ def load_head_for(path, clip: ClipBundle) -> RewardHead:
     return head
 
 
+def clip_normalization(clip: ClipBundle) -> tuple:
+    """(mean, std) of the one Normalize in open_clip's preprocessing, which the scorer's graph runs itself."""
+    normalize = [t for t in clip.preprocess.transforms if type(t).__name__ == "Normalize"]
+    if len(normalize) != 1:
+        raise ValueError(f"expected one Normalize in {clip.name}'s preprocessing, found {len(normalize)}")
+    return tuple(normalize[0].mean), tuple(normalize[0].std)
+
+
 class RewardScorer:
     """Scores images against a prompt. Safe to call from several threads (the text cache is locked)."""
 
@@ -76,11 +84,8 @@ class RewardScorer:
         self.head = None if head is None else copy.deepcopy(head).to(clip.device, clip.dtype).eval().requires_grad_(False)
 
         # 2. Pixels: open_clip's preprocessing minus its Normalize, which runs inside the graph.
-        normalize = [t for t in clip.preprocess.transforms if type(t).__name__ == "Normalize"]
-        if len(normalize) != 1:
-            raise ValueError(f"expected one Normalize in {clip.name}'s preprocessing, found {len(normalize)}")
-        self._mean, self._std = tuple(normalize[0].mean), tuple(normalize[0].std)
-        self._to_pixels = [t for t in clip.preprocess.transforms if t is not normalize[0]]
+        self._mean, self._std = clip_normalization(clip)
+        self._to_pixels = [t for t in clip.preprocess.transforms if type(t).__name__ != "Normalize"]
         self._graph = ScorerGraph(clip.model, self._mean, self._std, self.head).to(clip.device, clip.dtype).eval()
 
         # 3. Backend

@@ -1,6 +1,5 @@
 """`alignloop world ...`: train the bundled models, evaluate generators and CLIPs against the oracle."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -101,30 +100,27 @@ def add_benchmarks(bench_subparsers) -> None:
     p.set_defaults(func=_bench_generator)
 
 
-def _config_from_args(args, cls):
-    return cls(**{f.name: tuple(v) if isinstance(v, list) else v
-                  for f in dataclasses.fields(cls) for v in [getattr(args, f.name)]})
-
-
 def _train_generator(args) -> int:
+    from alignloop.cli import config_from_args
     from alignloop.models import bundled_generator_dir
     from alignloop.world.config import GeneratorTrainConfig
     from alignloop.world.train import train_generator
 
     out = train_generator(args.out or bundled_generator_dir(), args.work_dir or home() / "train" / "generator",
-                          _config_from_args(args, GeneratorTrainConfig), device=args.device)
+                          config_from_args(GeneratorTrainConfig, args), device=args.device)
     print(f"wrote {out}")
     return 0
 
 
 def _train_clip(args) -> int:
+    from alignloop.cli import config_from_args
     from alignloop.models import bundled_clip_dir, resolve_generator
     from alignloop.world.config import ClipTrainConfig
     from alignloop.world.train import train_clip
 
     generator = None if args.generator == "none" else Path(resolve_generator(args.generator))
     out = train_clip(args.out or bundled_clip_dir(), args.work_dir or home() / "train" / "clip",
-                     _config_from_args(args, ClipTrainConfig), generator_dir=generator)
+                     config_from_args(ClipTrainConfig, args), generator_dir=generator)
     print(f"wrote {out}")
     return 0
 
