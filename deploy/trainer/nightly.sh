@@ -16,6 +16,7 @@
 #                    snapshot's consumer group is derived from the snapshot folder's path.
 #   NIGHTLY_GPUS     processes under torchrun (default 1)
 #   NIGHTLY_METHODS  LoRA methods, rank i trains the i-th (default "ppo")
+#   NIGHTLY_OMP_THREADS  CPU threads per torchrun process (default 4)
 set -euo pipefail
 
 DATA=${NIGHTLY_DATA:-${ALIGNLOOP_HOME:-$HOME/.cache/alignloop}/nightly}
@@ -45,7 +46,7 @@ finetune_rank() {
     else
         export CUDA_VISIBLE_DEVICES=$rank
     fi
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS_PER_RANK:-4}  # torchrun sets 1; image decoding and scoring want a few
+    export OMP_NUM_THREADS=${NIGHTLY_OMP_THREADS:-4}  # torchrun sets 1; image decoding and scoring want a few
     echo "nightly: rank $rank trains $method on GPU $CUDA_VISIBLE_DEVICES"
     alignloop train "$method" --snapshot "$SNAPSHOTS" --out "$RUNS/$method" --generator "$GENERATOR" --no-progress --json
 }
