@@ -5,6 +5,7 @@ service's; every command a manifest or script runs parses with the `alignloop` C
 BentoML 1.4 and its service imports; the Kafka resources carry the project's topics at replication 3.
 """
 
+import argparse
 import dataclasses
 import importlib
 import re
@@ -183,7 +184,7 @@ def _serve_args(monkeypatch):
     monkeypatch.delenv("PORT", raising=False)  # the serve command's default port reads $PORT
     container = _serving_container()
     assert container["args"][0] == "alignloop"
-    return build_parser().parse_args(container["args"][1:]), build_parser().parse_args(["serve"])
+    return _strict(build_parser()).parse_args(container["args"][1:]), build_parser().parse_args(["serve"])
 
 
 def test_serving_listens_where_the_manifests_send_traffic(monkeypatch):
@@ -229,9 +230,19 @@ def test_the_autoscaler_scales_the_serving_set():
 
 # -- commands -----------------------------------------------------------------------------------------------------
 
+def _strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI's parser without prefix matching, so that a misspelt flag (--no-progres) does not pass."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _strict(sub)
+    return parser
+
+
 def _parses(argv: list[str]) -> None:
     try:
-        build_parser().parse_args(argv)
+        _strict(build_parser()).parse_args(argv)
     except SystemExit as exit_:
         raise AssertionError(f"`alignloop {shlex.join(argv)}` does not parse") from exit_
 
