@@ -333,7 +333,7 @@ def test_bentofile_service_is_the_one_serve_runs_and_imports():
 def test_bentofile_installs_the_package_with_its_pinned_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     python = _bentofile()["python"]
-    assert python["packages"] == project["dependencies"] + project["optional-dependencies"]["s3"]
+    assert python["packages"] == project["dependencies"] + ["s3fs==2026.9.0"]
     (wheel,) = python["wheels"]
     assert Path(wheel).name == f"{project['name']}-{project['version']}-py3-none-any.whl"
     for pattern in _bentofile()["include"]:
