@@ -328,3 +328,26 @@ def test_quick_finetune_benchmark_reports_every_method_side_by_side(tmp_path, ca
         assert (tmp_path / f"grid-base-vs-{method}.png").is_file()
         assert (tmp_path / method / "adapter" / "pytorch_lora_weights.safetensors").is_file()
         assert report["training"][method]["last"]["step"] == report["training"][method]["config"]["steps"]
+
+
+def test_a_run_goes_on_from_a_published_adapter_with_its_weights_and_refuses_other_settings(samples, tmp_path):
+    from alignloop.registry import Registry
+    from alignloop.rollout import publish_adapter
+    from alignloop.trainer.finetune import LoraRun
+
+    first = train_rwr(RwrConfig(steps=2, lr=1e-2, **TINY), samples, np.ones(len(samples)), tmp_path / "a",
+                      progress=False)
+    folder = first.finish()
+    record = json.loads((folder / "adapter.json").read_text())
+    registry = Registry(tmp_path / "registry")
+    version = publish_adapter(registry, folder, base=record["base"], config=record["config"], who="t", why="t").version
+    fetched = str(registry.fetch("adapter", version))
+    trained = {k: v.detach().clone() for k, v in first._lora_state().items()}
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # it learned something to carry over
+
+    second = LoraRun(RwrConfig(steps=1, init_adapter=fetched, **TINY), tmp_path / "b", progress=False)
+    carried = second._lora_state()
+    assert sorted(carried) == sorted(trained)
+    assert all(torch.equal(carried[k].detach(), trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="differ from this config"):
+        LoraRun(RwrConfig(steps=1, rank=4, init_adapter=fetched, **TINY), tmp_path / "c", progress=False)

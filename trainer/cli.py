@@ -62,6 +62,28 @@ def add_commands(sub) -> None:
         p.set_defaults(func=_train_lora, method=name, config_class=config_class)
 
 
+    from alignloop.trainer.config import NightlyConfig
+
+    p = sub.add_parser(
+        "nightly", help="one turn of the loop: snapshot, reward model, fine-tune, evaluate, publish, canary",
+        description="Consume the new feedback into a snapshot, retrain the reward model (its gate decides live), "
+                    "fine-tune the live adapter (or the base) with --method, evaluate it against its parent on "
+                    "seen prompts, publish it as a candidate and open the canary rollout. A run that dies is "
+                    "resumed by the next one at its first unfinished stage (or dropped with --abandon) and never "
+                    "publishes twice; a second run while one holds the lock says who holds it and exits 3. "
+                    "State under ALIGNLOOP_HOME/nightly.")
+    p.add_argument("--registry", default=None, help="registry URL or folder (default: ALIGNLOOP_REGISTRY or "
+                   "ALIGNLOOP_HOME/registry)")
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default: ALIGNLOOP_KAFKA or 127.0.0.1:9092)")
+    p.add_argument("--images", default=None, help="image store URL (default: file://ALIGNLOOP_HOME/images)")
+    p.add_argument("--topic-prefix", default="", help="read <prefix>alignloop.generations / <prefix>alignloop.feedback")
+    p.add_argument("--abandon", action="store_true", help="drop an unfinished run instead of resuming it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the run's state as one JSON object on the last line")
+    add_config_args(p, NightlyConfig())
+    p.set_defaults(func=_nightly)
+
+
 def add_benchmarks(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "reward", help="learned reward vs CLIP score on unseen prompts: preference accuracy, best 4 of 16",
@@ -103,6 +125,26 @@ def _train_reward(args) -> int:
                           log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+def _nightly(args) -> int:
+    import sys
+
+    from alignloop.cli import config_from_args
+    from alignloop.trainer.config import NightlyConfig
+    from alignloop.trainer.nightly import LOCKED_EXIT, NightlyLocked, run_nightly
+
+    config = config_from_args(NightlyConfig, args)
+    try:
+        state = run_nightly(config, registry_url=args.registry, bootstrap=args.bootstrap, images_url=args.images,
+                            topic_prefix=args.topic_prefix, abandon=args.abandon, progress=not args.no_progress,
+                            log=(lambda *a: None) if args.json else print)
+    except NightlyLocked as err:
+        print(f"alignloop: {err}", file=sys.stderr)
+        return LOCKED_EXIT
+    if args.json:
+        print(json.dumps(state))
     return 0
 
 

@@ -59,7 +59,10 @@ class LoraRun:
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
         self.unet = self.pipe.unet
-        self.unet.add_adapter(lora_config(config.rank, config.alpha, config.target_modules), adapter_name=ADAPTER)
+        if config.init_adapter:
+            self._load_initial_adapter(Path(config.init_adapter))
+        else:
+            self.unet.add_adapter(lora_config(config.rank, config.alpha, config.target_modules), adapter_name=ADAPTER)
         self.lora_params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = self.pipe.scheduler
@@ -70,6 +73,22 @@ class LoraRun:
         self._bar = None
         self._started = time.monotonic()
         self._resume()
+
+    def _load_initial_adapter(self, folder: Path) -> None:
+        """Start from a published adapter (checked as serving checks one) instead of a fresh LoRA."""
+        from alignloop.adapters import base_model_identity, validate_adapter
+
+        report = validate_adapter(folder, base_model_identity(self.pipe), self.unet, max_rank=1024)  # compared below
+        found = (report.rank, float(report.alpha), sorted(report.target_modules))
+        wanted = (self.config.rank, float(self.config.alpha), sorted(self.config.target_modules))
+        if found != wanted:
+            raise ValueError(f"init_adapter {folder}: rank, alpha and target modules {found} differ from this "
+                             f"config's {wanted}; tune it with its own settings, or start a fresh LoRA")
+        self.unet.load_lora_adapter(report.state_dict, prefix="unet", metadata=report.metadata, adapter_name=ADAPTER)
+        self.unet.set_adapters([ADAPTER])
+        for name, param in self.unet.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
 
     # -- conditioning -----------------------------------------------------------------------------------------
 

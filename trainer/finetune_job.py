@@ -118,6 +118,18 @@ def train_method(name: str, config, samples, votes, learned, learned_scores, cli
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
+def publish_trained(store, adapter_dir: Path, method: str, config, metrics: dict, data: dict, why: str,
+                    parent: Optional[str] = None):
+    """Publish the adapter a run saved in `adapter_dir` as a candidate: its weights, adapter.json and a manifest
+    with the base model, the method's config, the metrics and the data (with the world's signature)."""
+    from alignloop.rollout import publish_adapter
+
+    record = json.loads((adapter_dir / "adapter.json").read_text())
+    return publish_adapter(store, {n: adapter_dir / n for n in ("pytorch_lora_weights.safetensors", "adapter.json")},
+                           base=record["base"], config={"method": method, **config.to_dict()}, metrics=metrics,
+                           data={**data, "world": record["world"]}, parent=parent, who=f"train {method}", why=why)
+
+
 def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Path] = None,
                            registry: Optional[str] = None, publish: bool = True,
                            reward_version: Optional[str] = None, eval_prompts: int = 32, progress: bool = True,
@@ -175,13 +187,7 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
     report = {"method": method, "out": str(out), "adapter": str(adapter_dir), "metrics": metrics, "data": data,
               "seconds": round(time.monotonic() - started, 1)}
     if publish:
-        from alignloop.rollout import publish_adapter
-
-        record = json.loads((adapter_dir / "adapter.json").read_text())
-        manifest = publish_adapter(store, {n: adapter_dir / n for n in ("pytorch_lora_weights.safetensors",
-                                                                         "adapter.json")},
-                                   base=record["base"], config={"method": method, **config.to_dict()},
-                                   metrics=metrics, data={**data, "world": record["world"]}, who=f"train {method}",
+        manifest = publish_trained(store, adapter_dir, method, config, metrics, data,
                                    why=f"trained from snapshot {folder.name}: unseen pass {metrics['unseen_pass']}")
         report["published"] = manifest.version
         log(f"published adapter {manifest.version} as candidate")

@@ -497,8 +497,10 @@ def _image_file(folder: Path, row: dict) -> Path:
 
 def train_reward(snapshot: Path, config: Optional[RewardTrainConfig] = None, out: Optional[Path] = None,
                  registry: Optional[str] = None, publish: bool = True, clip_spec: str = "shapes-clip-tiny",
-                 clip_checkpoint: Optional[str] = None, progress: bool = True, log=print) -> dict:
-    """The whole command; returns its report (what the CLI prints as JSON). Nothing is published on error."""
+                 clip_checkpoint: Optional[str] = None, progress: bool = True, log=print,
+                 extra_data: Optional[dict] = None) -> dict:
+    """The whole command; returns its report (what the CLI prints as JSON). Nothing is published on error.
+    `extra_data` goes into the manifest's data (the nightly job names its run there)."""
     from PIL import Image
 
     from alignloop.models import ModelNotFoundError, load_clip
@@ -570,7 +572,7 @@ def train_reward(snapshot: Path, config: Optional[RewardTrainConfig] = None, out
                           metadata={"clip": clip.name, "clip_hash": fingerprint,
                                     "config": json.dumps(config.to_dict())})
     data = {"snapshot": str(folder), "snapshot_version": snapshot_manifest.get("version"),
-            "offsets": snapshot_manifest.get("offsets", {}), "hygiene": hygiene}
+            "offsets": snapshot_manifest.get("offsets", {}), "hygiene": hygiene, **(extra_data or {})}
     report = {"out": str(out), "state": state if publish else None, "reason": reason, "version": None,
               "base": base, "data": data, "config": config.to_dict(), "metrics": metrics,
               "seconds": round(time.monotonic() - started, 1)}

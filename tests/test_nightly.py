@@ -1,0 +1,167 @@
+"""`alignloop nightly` against a real broker: a run killed after any stage, or between a registry write and its
+state, publishes exactly one candidate when started again; a second run while one holds the lock says who holds
+it and exits 3; a run with nothing new publishes nothing."""
+
+import json
+import uuid
+
+import pytest
+from kafka import KafkaProducer
+
+from alignloop.trainer import nightly
+from alignloop.trainer.config import KtoConfig, NightlyConfig
+
+pytestmark = pytest.mark.usefixtures("kafka_broker")
+
+PROMPTS = ["two circles", "a red square", "three triangles"]  # seen prompts
+STEPS = 4  # the drawing steps the events record (the redraw uses them)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from alignloop.models import load_generator
+
+    return load_generator(device="cpu")
+
+
+def _small_method(config, init_adapter):
+    """A two-step KTO run with small batches: the orchestration is under test, not the method."""
+    return KtoConfig(steps=2, batch_size=4, pretrain_batch_size=4, sample_steps=STEPS, init_adapter=init_adapter)
+
+
+@pytest.fixture
+def traffic(pipe, kafka_broker, kafka_topics, tmp_path, monkeypatch):
+    """Generation events for images the bundled generator drew, and thumbs on them, on fresh topics."""
+    from alignloop.events import FeedbackEvent, GeneratedImage, GenerationEvent, GenerationParams, hash_user_id
+    from alignloop.feedback.image_store import ImageStore
+    from alignloop.generation import generate
+    from alignloop.serving.handlers import encode_png
+
+    monkeypatch.setattr(nightly, "_method_config", _small_method)
+    store = ImageStore(f"file://{tmp_path / 'images'}")
+
+    def produce(first_seed: int, adapter: str = "base"):
+        """One vote on each of 12 images drawn from seeds first_seed.. (as serving draws them, base weights)."""
+        producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+        prompts = PROMPTS * 4
+        seeds = list(range(first_seed, first_seed + len(prompts)))
+        for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, generate(pipe, prompts, seeds, STEPS, 5.0))):
+            request_id, image_id = f"req-{seed}", f"img-{seed}-{uuid.uuid4().hex[:6]}"
+            shown = GeneratedImage(image_id=image_id, rank=1, reward=0.5, candidate_index=0, seed=seed,
+                                   shown_probability=1.0, uri=store.put(image_id, encode_png(image)))
+            event = GenerationEvent(request_id=request_id, prompt=prompt, arm="A", adapter_version=adapter,
+                                    params=GenerationParams(n=1, k=1, steps=STEPS, guidance=5.0, seed=seed),
+                                    images=[shown], reward_model="clip")
+            vote = FeedbackEvent(request_id=request_id, image_id=image_id, vote="up" if i % 2 else "down",
+                                 user_hash=hash_user_id(f"user-{i % 3}"), arm="A", adapter_version=adapter,
+                                 image_uri=shown.uri)
+            producer.send(kafka_topics.generations, key=request_id.encode(), value=event.model_dump_json(by_alias=True).encode())
+            producer.send(kafka_topics.feedback, key=image_id.encode(), value=vote.model_dump_json(by_alias=True).encode())
+        producer.flush()
+        producer.close()
+
+    produce(500)
+    prefix = kafka_topics.generations[:-len("alignloop.generations")]
+    return {"bootstrap": kafka_broker.bootstrap, "images": store.url, "prefix": prefix, "home": tmp_path / "home",
+            "registry": str(tmp_path / "registry"), "produce": produce}
+
+
+def _run(traffic, **kwargs):
+    config = NightlyConfig(method="kto", eval_prompts=1)
+    return nightly.run_nightly(config, home_dir=traffic["home"], registry_url=traffic["registry"],
+                               bootstrap=traffic["bootstrap"], images_url=traffic["images"],
+                               topic_prefix=traffic["prefix"], progress=False, log=lambda *a: None, **kwargs)
+
+
+def _adapters(traffic):
+    from alignloop.registry import Registry
+
+    return Registry(traffic["registry"]).versions("adapter")
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_any_stage_publishes_exactly_one_candidate_and_opens_the_canary(traffic):
+    from alignloop.registry import Registry
+    from alignloop.rollout import current_rollout
+
+    for stage in nightly.STAGES[:-1]:  # a kill after each stage's state was written
+        state = _run(traffic, stop_after=stage)
+        assert "outcome" not in state and list(state["stages"]) == list(nightly.STAGES[:nightly.STAGES.index(stage) + 1])
+    state = _run(traffic)
+    assert state["outcome"] == "canary", state
+    adapters = _adapters(traffic)
+    assert [a.state for a in adapters] == ["canary"]
+    assert adapters[0].data["nightly_run"] == state["run_id"] and adapters[0].metrics["parent"] == "base"
+    assert "seen_pass" in adapters[0].metrics["parent_metrics"]
+    registry = Registry(traffic["registry"])
+    assert len(registry.versions("reward")) == 1
+    assert current_rollout(registry).arm("B").adapter == adapters[0].version
+    # The next night, with no new votes: nothing to do, nothing published.
+    again = _run(traffic)
+    assert again["outcome"] == "nothing new" and len(_adapters(traffic)) == 1
+    # Promoted, then new votes: the next cycle tunes the live adapter, not the base.
+    from alignloop.rollout import promote
+
+    promote(registry, adapters[0].version, who="test", why="users liked it")
+    traffic["produce"](900)
+    second = _run(traffic)
+    assert second["outcome"] == "canary", second
+    assert second["stages"]["finetune"]["parent"] == adapters[0].version
+    newest = _adapters(traffic)[-1]
+    assert newest.parent == adapters[0].version and newest.config["init_adapter"]
+    assert newest.data["snapshot_version"] != adapters[0].data["snapshot_version"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "publish"])
+def test_a_kill_between_a_registry_write_and_the_state_does_not_publish_twice(traffic, monkeypatch, stage):
+    real = nightly.RunState.finish_stage
+
+    def killed(self, name, result):
+        if name == stage:
+            raise KeyboardInterrupt(f"killed after {stage} wrote to the registry")
+        real(self, name, result)
+
+    monkeypatch.setattr(nightly.RunState, "finish_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(traffic)
+    monkeypatch.setattr(nightly.RunState, "finish_stage", real)
+    state = _run(traffic)
+    assert state["outcome"] == "canary" and state["stages"][stage]["reason"] == "published before a restart"
+    assert len(_adapters(traffic)) == 1
+    from alignloop.registry import Registry
+
+    assert len(Registry(traffic["registry"]).versions("reward")) == 1
+
+
+def test_a_second_run_says_who_holds_the_lock_and_exits_3(tmp_path, monkeypatch, capsys):
+    from alignloop.cli import main
+
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path))
+    holder = nightly.NightlyLock(tmp_path / "nightly")
+    holder.name("20261202-010000")
+    try:
+        assert main(["nightly", "--no-progress", "--bootstrap", "127.0.0.1:1"]) == nightly.LOCKED_EXIT
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert "another nightly run holds" in err and "run 20261202-010000" in err and "pid " in err
+
+
+def test_an_unfinished_run_resumes_only_with_its_config_or_is_abandoned(tmp_path):
+    root = tmp_path / "nightly"
+    first = nightly.open_run(root, NightlyConfig(method="kto"), abandon=False, log=lambda *a: None)
+    with pytest.raises(nightly.UserFacingError, match="another config"):
+        nightly.open_run(root, NightlyConfig(method="rwr"), abandon=False, log=lambda *a: None)
+    assert nightly.open_run(root, NightlyConfig(method="kto"), abandon=False, log=lambda *a: None).run_id == first.run_id
+    fresh = nightly.open_run(root, NightlyConfig(method="rwr"), abandon=True, log=lambda *a: None)
+    assert fresh.run_id != first.run_id
+    assert json.loads((first.folder / "state.json").read_text())["outcome"] == "abandoned"
+
+
+@pytest.mark.parametrize("field, value, message", [("method", "dpo", "method must be one of"),
+                                                   ("canary_share", 1.0, "canary_share must be in"),
+                                                   ("min_new_votes", 0, "min_new_votes must be")])
+def test_bad_nightly_config_is_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        NightlyConfig(**{field: value})

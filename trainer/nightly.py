@@ -1,0 +1,316 @@
+"""`alignloop nightly`: one turn of the loop, from the feedback topics to a canary, safe to kill and rerun.
+
+    1. snapshot  consume both topics from the committed offsets into a new dataset version (feedback.snapshot)
+    2. reward    train the reward model on it; its own gate publishes it live or keeps it a candidate
+    3. finetune  tune the configured method (default: the fine-tuning benchmark's best) from the live adapter,
+                 or from the base model when none is live, with the live reward model
+    4. evaluate  the tuned adapter and its parent (the live adapter, or the base) on the same seen prompts and
+                 seeds; unseen prompts are reported, never decided on (they measure, they do not select)
+    5. publish   the adapter as a candidate, its manifest naming the run, the parent and both evaluations
+    6. canary    open the rollout to `canary_share` of users, unless the candidate rated worse than its parent
+
+Every stage's result is written durably to <home>/nightly/runs/<run>/state.json when it is done. A run that
+died is resumed at its first unfinished stage by the next `alignloop nightly` (or dropped with --abandon);
+the stages that write to the registry first look for what this run already wrote there (its run id is in
+the manifest's data), so a run killed anywhere publishes at most one reward model and one candidate. An
+exclusive lock (flock, released by the kernel when the holder dies) keeps two runs from overlapping: the
+second says who holds it and exits non-zero.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from alignloop.durable import write_durably
+from alignloop.errors import UserFacingError
+from alignloop.trainer.config import NightlyConfig
+
+STAGES = ("snapshot", "reward", "finetune", "evaluate", "publish", "canary")
+LOCKED_EXIT = 3  # the exit status when another run holds the lock
+
+
+class NightlyLocked(UserFacingError):
+    """Another nightly run holds the lock."""
+
+
+# -------------------------------------------------------------------------------------------------
+# The lock and the run's state
+# -------------------------------------------------------------------------------------------------
+
+class NightlyLock:
+    """An exclusive, non-blocking flock on <folder>/lock; the holder's pid, host, run and start time in it."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "an unknown process"
+            self._file.close()
+            raise NightlyLocked(f"another nightly run holds {self.path}: {holder}") from None
+
+    def name(self, run_id: str) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, run {run_id}, since "
+                         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
+
+
+class RunState:
+    """runs/<run_id>/state.json: the config and each finished stage's result, rewritten durably after each."""
+
+    def __init__(self, folder: Path, data: dict):
+        self.folder, self.data = folder, data
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def done(self, stage: str) -> Optional[dict]:
+        return self.data["stages"].get(stage)
+
+    def finish_stage(self, stage: str, result: dict) -> None:
+        self.data["stages"][stage] = result
+        self.save()
+
+    def end(self, outcome: str, reason: str) -> None:
+        self.data.update(outcome=outcome, reason=reason, ended=time.time())
+        self.save()
+
+    def save(self) -> None:
+        write_durably(self.folder / "state.json", (json.dumps(self.data, indent=1) + "\n").encode())
+
+
+def _runs(root: Path) -> list:
+    """Every run's state, oldest first (run ids sort by start time)."""
+    out = []
+    for path in sorted((root / "runs").glob("*/state.json")):
+        out.append(RunState(path.parent, json.loads(path.read_text())))
+    return out
+
+
+def open_run(root: Path, config: NightlyConfig, abandon: bool, log) -> RunState:
+    """The unfinished run to resume (with the same config), or a new one; --abandon ends an unfinished one."""
+    runs = _runs(root)
+    unfinished = runs[-1] if runs and "outcome" not in runs[-1].data else None
+    if unfinished is not None and abandon:
+        unfinished.end("abandoned", "--abandon: dropped before finishing; what it published stays as it is")
+        log(f"run {unfinished.run_id}: abandoned at stage "
+            f"{next((s for s in STAGES if not unfinished.done(s)), 'end')}")
+        unfinished = None
+    if unfinished is not None:
+        if unfinished.data["config"] != config.to_dict():
+            raise UserFacingError(f"run {unfinished.run_id} did not finish and was started with another config "
+                                  f"({unfinished.data['config']}); rerun with that config to resume it, or pass "
+                                  "--abandon to drop it")
+        log(f"run {unfinished.run_id}: resuming at stage {next(s for s in STAGES if not unfinished.done(s))}")
+        return unfinished
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    while (root / "runs" / run_id).exists():  # two runs in one second (tests)
+        run_id += "x"
+    folder = root / "runs" / run_id
+    folder.mkdir(parents=True)
+    state = RunState(folder, {"run_id": run_id, "config": config.to_dict(), "started": time.time(), "stages": {}})
+    state.save()
+    log(f"run {run_id}: started")
+    return state
+
+
+def last_finished_snapshot(root: Path) -> Optional[dict]:
+    """The snapshot stage of the newest run that finished with a candidate or with nothing new to do."""
+    for state in reversed(_runs(root)):
+        if state.data.get("outcome") in ("published", "canary", "nothing new") and state.done("snapshot"):
+            return state.done("snapshot")
+    return None
+
+
+def _written_by(registry, kind: str, run_id: str):
+    """The version this run already published of `kind`, if a kill came between the publish and the state."""
+    for manifest in registry.versions(kind):
+        if (manifest.data or {}).get("nightly_run") == run_id:
+            return manifest
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# The job
+# -------------------------------------------------------------------------------------------------
+
+def run_nightly(config: NightlyConfig, home_dir: Optional[Path] = None, registry_url: Optional[str] = None,
+                bootstrap: Optional[str] = None, images_url: Optional[str] = None, topic_prefix: str = "",
+                abandon: bool = False,
+                progress: bool = True, log: Callable = print, stop_after: Optional[str] = None) -> dict:
+    """The whole job; returns the run's state. `stop_after` (tests, drills) ends the process's work after that
+    stage as a kill would, leaving the run unfinished."""
+    from alignloop.registry import Registry
+    from alignloop.settings import home
+
+    root = Path(home_dir or home()) / "nightly"
+    lock = NightlyLock(root)
+    try:
+        state = open_run(root, config, abandon, log)
+        lock.name(state.run_id)
+        store = Registry(registry_url)
+        stages = {"snapshot": lambda: stage_snapshot(root, config, bootstrap, images_url, topic_prefix,
+                                                           progress),
+                  "reward": lambda: stage_reward(state, store, registry_url, progress, log),
+                  "finetune": lambda: stage_finetune(state, config, store, registry_url, progress, log),
+                  "evaluate": lambda: stage_evaluate(state, config, store, progress),
+                  "publish": lambda: stage_publish(state, config, store, log),
+                  "canary": lambda: stage_canary(state, config, store, log)}
+        for stage in STAGES:
+            if state.done(stage):
+                continue
+            started = time.monotonic()
+            result = stages[stage]()
+            result["seconds"] = round(time.monotonic() - started, 1)
+            state.finish_stage(stage, result)
+            log(f"run {state.run_id}: {stage} done in {result['seconds']} s: {_brief(result)}")
+            if result.get("end"):
+                state.end(*result["end"])
+                log(f"run {state.run_id}: {result['end'][0]}: {result['end'][1]}")
+                return state.data
+            if stage == stop_after:
+                return state.data
+        state.end("canary", f"adapter {state.done('publish')['version']} serves {config.canary_share:.0%} of users")
+        return state.data
+    finally:
+        lock.release()
+
+
+def _brief(result: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("seconds", "end") and not isinstance(v, dict))
+
+
+def stage_snapshot(root: Path, config: NightlyConfig, bootstrap, images_url, topic_prefix: str, progress: bool) -> dict:
+    from alignloop.feedback.cli import _answering_bootstrap
+    from alignloop.feedback.config import Topics
+    from alignloop.feedback.image_store import ImageStore
+    from alignloop.feedback.snapshot import SnapshotWriter
+
+    writer = SnapshotWriter(root / "snapshots", _answering_bootstrap(bootstrap), ImageStore(images_url),
+                            Topics().prefixed(topic_prefix), group_id=f"alignloop-nightly-{topic_prefix}")
+    try:
+        newest = writer.run(progress=progress)
+    finally:
+        writer.close()
+    if newest is None:
+        return {"version": None, "end": ("nothing new", "no events on the topics yet")}
+    counts = json.loads((newest / "manifest.json").read_text())["counts"]
+    result = {"folder": str(newest), "version": newest.name, "votes": counts["votes"], "images": counts["images"]}
+    before = last_finished_snapshot(root)
+    new_votes = counts["votes"] - (before or {}).get("votes", 0)
+    if new_votes < config.min_new_votes or (before or {}).get("version") == newest.name:
+        result["end"] = ("nothing new", f"{new_votes} new votes in snapshot {newest.name} (fewer than "
+                                        f"{config.min_new_votes})")
+    return result
+
+
+def stage_reward(state: RunState, store, registry_url, progress: bool, log) -> dict:
+    from alignloop.trainer.reward_model import REWARD_KIND, train_reward
+
+    already = _written_by(store, REWARD_KIND, state.run_id)
+    if already is not None:
+        return {"version": already.version, "state": already.state, "reason": "published before a restart"}
+    report = train_reward(Path(state.done("snapshot")["folder"]), out=state.folder / "reward", registry=registry_url,
+                          progress=progress, log=log, extra_data={"nightly_run": state.run_id})
+    return {"version": report["version"], "state": report["state"], "reason": report["reason"],
+            "held_out_accuracy": report["metrics"].get("held_out_accuracy")}
+
+
+def _method_config(config: NightlyConfig, init_adapter: str):
+    from alignloop.trainer.config import KtoConfig, PpoConfig, ReflConfig, RwrConfig
+
+    classes = {"rwr": RwrConfig, "ppo": PpoConfig, "refl": ReflConfig, "kto": KtoConfig}
+    fields = {"init_adapter": init_adapter, **({"steps": config.steps} if config.steps else {})}
+    return classes[config.method](**fields)
+
+
+def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, progress: bool, log) -> dict:
+    from alignloop.registry import newest_live
+    from alignloop.trainer.finetune_job import finetune_from_snapshot
+    from alignloop.trainer.reward_model import REWARD_KIND
+
+    live = newest_live(store.versions("adapter"))
+    parent = live.version if live else "base"
+    init = str(store.fetch("adapter", live.version)) if live else ""
+    if config.method in ("ppo", "refl") and store.live(REWARD_KIND) is None:
+        raise UserFacingError(f"{config.method} optimizes the live reward model and none is live (the reward stage "
+                              f"said: {state.done('reward')['reason']}); collect more votes, or use --method kto")
+    report = finetune_from_snapshot(config.method, Path(state.done("snapshot")["folder"]),
+                                    _method_config(config, init), out=state.folder / "finetune",
+                                    registry=registry_url, publish=False, eval_prompts=config.eval_prompts,
+                                    progress=progress, log=log)
+    return {"adapter": report["adapter"], "parent": parent, "init_adapter": init,
+            "candidate_metrics": report["metrics"], "data": report["data"]}
+
+
+def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool) -> dict:
+    """The parent on the very prompts and seeds the candidate was evaluated on (finetune_from_snapshot's)."""
+    import torch
+
+    from alignloop.models import load_clip, load_generator
+    from alignloop.trainer.finetune_eval import evaluate_adapter
+    from alignloop.trainer.finetune_job import adapter_active
+
+    tuned = state.done("finetune")
+    method = _method_config(config, "")
+    pipe = load_generator(method.generator, device=method.device or None, dtype=torch.float32)
+    clip = load_clip(device=method.device or None)
+    parent = {}
+    with adapter_active(pipe, tuned["parent"], store):
+        for split_name in ("unseen", "seen"):
+            result = evaluate_adapter(pipe, clip, split_name, per_prompt=4, max_prompts=config.eval_prompts,
+                                      steps=method.sample_steps, guidance=method.guidance, progress=progress)
+            parent[f"{split_name}_pass"] = result["overall"]
+            parent[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
+    candidate = tuned["candidate_metrics"]
+    drop = parent["seen_pass"] - candidate["seen_pass"]
+    return {"parent_metrics": parent, "seen_pass": candidate["seen_pass"], "parent_seen_pass": parent["seen_pass"],
+            "unseen_pass": candidate["unseen_pass"], "parent_unseen_pass": parent["unseen_pass"],
+            "worse": bool(drop > config.max_drop)}
+
+
+def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
+    from alignloop.trainer.finetune_job import publish_trained
+
+    already = _written_by(store, "adapter", state.run_id)
+    if already is not None:
+        return {"version": already.version, "reason": "published before a restart"}
+    tuned, evaluated = state.done("finetune"), state.done("evaluate")
+    metrics = {**tuned["candidate_metrics"], "parent": tuned["parent"], "parent_metrics": evaluated["parent_metrics"]}
+    data = {**tuned["data"], "nightly_run": state.run_id, "nightly_config": config.to_dict()}
+    manifest = publish_trained(store, Path(tuned["adapter"]), config.method,
+                               _method_config(config, tuned["init_adapter"]), metrics, data,
+                               why=f"nightly {state.run_id}: seen pass {evaluated['seen_pass']:.3f} vs parent "
+                                   f"{tuned['parent']} {evaluated['parent_seen_pass']:.3f}",
+                               parent=None if tuned["parent"] == "base" else tuned["parent"])
+    result = {"version": manifest.version}
+    if evaluated["worse"]:
+        result["end"] = ("published", f"candidate {manifest.version} passes seen prompts at "
+                                      f"{evaluated['seen_pass']:.3f}, below its parent's "
+                                      f"{evaluated['parent_seen_pass']:.3f}: no canary opened")
+    return result
+
+
+def stage_canary(state: RunState, config: NightlyConfig, store, log) -> dict:
+    from alignloop.rollout import current_rollout, start_canary
+
+    version = state.done("publish")["version"]
+    rollout = current_rollout(store)
+    if rollout is not None and rollout.arm("B") is not None and rollout.arm("B").adapter == version:
+        return {"rollout": rollout.id, "reason": "opened before a restart"}
+    opened = start_canary(store, version, config.canary_share, who="nightly",
+                          why=f"nightly {state.run_id}: candidate {version}")
+    return {"rollout": opened.id, "rollout_arms": opened.describe()}
