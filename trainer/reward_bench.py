@@ -15,7 +15,8 @@ In the shapes world, with the bundled generator and CLIP, in one run:
                   - the oracle pass rate of the best 4 of 16 picked by random choice (its expectation: the
                     prompt's pass rate), the CLIP score, the learned reward and the oracle itself (the ceiling)
 
-    4. Probe      why a head learns so little beyond the CLIP score: a head trained on the unseen images' own
+    4. Probe      why a head learns so little beyond the CLIP score: the full-loss head on noise-free votes (the
+                  oracle's verdicts of the same training images: no vote can teach more), a head trained on the unseen images' own
                   oracle verdicts (no noise), measured on those images (can the embeddings separate them at
                   all?) and trained on half of the unseen prompts, measured on the other half (does what it
                   learns carry over to other prompts?)
@@ -132,6 +133,11 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
     trained = {name: train_reward_from_arrays(images, [p.text for p in train_prompts], labels, users, clip, config,
                                               progress=progress, desc=name)
                for name, config in variants.items()}
+    # 2a. The same head on noise-free votes (the oracle's own verdicts of these images): what votes on seen prompts
+    #     could teach at best, a ceiling for step 2's heads on unseen prompts
+    truth = get_reward("oracle")(images, [p.text for p in train_prompts])[0].numpy().astype(int)
+    noise_free = train_reward_from_arrays(images, [p.text for p in train_prompts], truth, users, clip, base,
+                                          progress=progress, desc="noise-free votes")
 
     # 2b. Selection bias: only the 4 shown of each 16 get votes; which 4 depends on the policy
     from alignloop.serving.sampler import choose_shown
@@ -159,7 +165,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
     passes, _ = get_reward("oracle")(eval_images, texts)
     rewards = {"clip": get_reward("clip", clip=clip, backend="torch"),
                **{name: get_reward("learned", head=t.head, clip=clip, backend="torch")
-                  for name, t in {**trained, **biased}.items()}}
+                  for name, t in {**trained, **biased, "noise_free_votes": noise_free}.items()}}
     scores = {name: reward(eval_images, texts)[0] for name, reward in rewards.items()}
     groups = np.repeat(np.arange(len(unseen)), PER_PROMPT)
     accuracy, pairs = {}, 0
@@ -189,7 +195,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                   "prompts": len({p.text for p in train_prompts}), "requests_of_16": len(requests)},
         "pass_best4": {k: round(v, 4) for k, v in best.items()},
         "preference_accuracy": {k: (round(v, 4) if v is not None else None) for k, v in accuracy.items()
-                                if k not in biased},
+                                if k not in biased and k != "noise_free_votes"},
         "selection_bias": {
             "means": "unseen preference accuracy and best-4 pass rate of full-loss heads trained on the votes of the "
                      "4 images shown per request of 16 (CLIP-ranked), by the last slot's exploration probability; "
@@ -200,7 +206,9 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                 [labels[i] for i in shown_sets[policy]])), 4), "preference_accuracy": round(accuracy[policy], 4),
                         "pass_best4": round(best_k_pass_rate(scores[policy], passes), 4)} for policy in biased}},
         "oracle_pairs": pairs,
-        "generalization_probe": probe,
+        "generalization_probe": {**probe, "noise_free_votes": round(accuracy["noise_free_votes"], 4),
+                                 "noise_free_votes_means": "unseen preference accuracy of the full-loss head trained "
+                                 "on the oracle's verdicts of the training images instead of the rater's votes"},
         "eval_pass_rate": round(float(passes.mean()), 4),
         "training": {name: t.counts for name, t in trained.items()},
         "gap_closed": round((best["learned"] - best["clip"]) / gap, 4) if gap > 0 else None,
@@ -223,7 +231,8 @@ def summary_lines(report: dict) -> list:
         if k != "means"))
     probe = report["generalization_probe"]
     lines.append(f"probe, heads fitted to unseen images' oracle verdicts: in-sample {probe['in_sample']:.3f}, "
-                 f"on other prompts {probe['other_prompts']:.3f}")
+                 f"on other prompts {probe['other_prompts']:.3f}; full-loss head on noise-free votes "
+                 f"{probe['noise_free_votes']:.3f}")
     if report["gap_closed"] is not None:
         lines.append(f"gap closed (learned - clip) / (oracle - clip): {report['gap_closed']:.3f}")
     return lines
