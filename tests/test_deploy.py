@@ -251,15 +251,10 @@ def _script_commands(text: str) -> list[list[str]]:
     """Every `alignloop ...` line of a shell script, split as the shell would (variables left as they are)."""
     commands = []
     for line in text.replace("\\\n", " ").splitlines():
-        line = line.strip()
+        line = line.strip().removeprefix("exec ")
         if line.startswith("alignloop "):
             commands.append(shlex.split(line)[1:])
     return commands
-
-
-def _methods() -> list[str]:
-    (container,) = _one("CronJob", "alignloop-nightly")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e.get("value") for e in container["env"]}["NIGHTLY_METHODS"].split()
 
 
 def test_every_command_a_manifest_runs_parses():
@@ -275,17 +270,11 @@ def test_every_command_a_manifest_runs_parses():
 
 
 def test_every_command_the_nightly_script_runs_parses():
-    text = NIGHTLY.read_text()
-    commands = _script_commands(text)
-    assert [c[:2] for c in commands] == [["train", "$method"], ["feedback", "snapshot"], ["train", "reward"],
-                                         ["adapters", "list"]]
-    default = re.search(r'NIGHTLY_METHODS:-([a-z ]+)\}', text).group(1).split()
-    for argv in commands:
-        for method in (sorted(set(_methods() + default)) if "$method" in argv else [None]):
-            # Variables stand for paths, except the method and the CLIP flags.
-            _parses([method if a == "$method" else "--clip=ViT-L-14" if a == "${CLIP_ARGS[@]}" else
-                     "/x" if a.startswith("$") else a for a in argv])
-    assert "alignloop nightly" in text  # where the command that does not exist yet will go
+    commands = _script_commands(NIGHTLY.read_text())
+    assert [c[0] for c in commands] == ["nightly"]
+    for method in ("rwr", "ppo", "refl", "kto"):
+        _parses([method if a == "${NIGHTLY_METHOD:-refl}" else "0.1" if a.startswith("${NIGHTLY_CANARY_SHARE") else a
+                 for a in commands[0]])
 
 
 def test_the_cron_entry_runs_the_nightly_script():
@@ -296,15 +285,18 @@ def test_the_cron_entry_runs_the_nightly_script():
     assert _one("CronJob")["spec"]["schedule"] == " ".join(fields[:5])
 
 
-def test_the_nightly_job_has_a_gpu_per_process():
+def test_the_nightly_job_never_overlaps_and_keeps_its_state():
     job = _one("CronJob", "alignloop-nightly")["spec"]
     assert job["concurrencyPolicy"] == "Forbid"
     (container,) = job["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-    assert int(env["NIGHTLY_GPUS"]) == gpus > 1
-    assert 1 <= len(_methods()) <= gpus
-    assert "torchrun" in NIGHTLY.read_text()
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in job["jobTemplate"]["spec"]["template"]["spec"]["volumes"]}
+    assert "persistentVolumeClaim" in volumes[mounts[env["ALIGNLOOP_HOME"]]]  # resumable across nights
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the trainers are single-process
+    from alignloop.trainer.config import NightlyConfig
+
+    NightlyConfig(method=env["NIGHTLY_METHOD"], canary_share=float(env["NIGHTLY_CANARY_SHARE"]))
 
 
 # -- the image ----------------------------------------------------------------------------------------------------
