@@ -165,3 +165,25 @@ def test_an_unfinished_run_resumes_only_with_its_config_or_is_abandoned(tmp_path
 def test_bad_nightly_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         NightlyConfig(**{field: value})
+
+
+def test_a_candidate_waits_while_another_canary_is_being_decided(tmp_path):
+    """The canary stage of a run whose candidate cannot start (last night's canary is still undecided) ends the
+    run with the reason, leaving the running canary alone."""
+    from alignloop.registry import Registry
+    from alignloop.rollout import current_rollout, publish_adapter, start_canary
+
+    import torch
+    from safetensors.torch import save_file
+
+    registry = Registry(tmp_path / "registry")
+    weights = tmp_path / "w.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(weights))
+    first, second = (publish_adapter(registry, {"pytorch_lora_weights.safetensors": weights}, who="t", why="t").version
+                     for _ in range(2))
+    start_canary(registry, first, 0.1, who="t", why="last night")
+    state = nightly.open_run(tmp_path / "nightly", NightlyConfig(), abandon=False, log=lambda *a: None)
+    state.finish_stage("publish", {"version": second})
+    result = nightly.stage_canary(state, NightlyConfig(), registry, log=lambda *a: None)
+    assert result["end"][0] == "published" and "already in canary" in result["end"][1]
+    assert current_rollout(registry).arm("B").adapter == first

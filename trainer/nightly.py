@@ -305,12 +305,15 @@ def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
 
 
 def stage_canary(state: RunState, config: NightlyConfig, store, log) -> dict:
-    from alignloop.rollout import current_rollout, start_canary
+    from alignloop.rollout import RolloutError, current_rollout, start_canary
 
     version = state.done("publish")["version"]
     rollout = current_rollout(store)
     if rollout is not None and rollout.arm("B") is not None and rollout.arm("B").adapter == version:
         return {"rollout": rollout.id, "reason": "opened before a restart"}
-    opened = start_canary(store, version, config.canary_share, who="nightly",
-                          why=f"nightly {state.run_id}: candidate {version}")
+    try:
+        opened = start_canary(store, version, config.canary_share, who="nightly",
+                              why=f"nightly {state.run_id}: candidate {version}")
+    except RolloutError as err:  # e.g. last night's canary is still being decided: this candidate waits
+        return {"rollout": None, "end": ("published", f"candidate {version} published, no canary opened: {err}")}
     return {"rollout": opened.id, "rollout_arms": opened.describe()}
