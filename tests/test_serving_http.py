@@ -203,6 +203,7 @@ BAD_GENERATE = [
     ("blank prompt", {"prompt": "   \t "}, "prompt", "at least 1 character"),
     ("10,000-char prompt", {"prompt": "x" * 10_000}, "prompt", "at most 500 characters"),
     ("k > n", {"prompt": PROMPT, "n": 3, "k": 5}, "k", "at most n"),
+    ("n below the default k", {"prompt": PROMPT, "n": 1}, "k", "got k=2, n=1"),
     ("n = 0", {"prompt": PROMPT, "n": 0, "k": 1}, "n", "greater than or equal to 1"),
     ("n = 1000", {"prompt": PROMPT, "n": 1000}, "n", "less than or equal to 64"),
     ("steps = 0", {"prompt": PROMPT, "steps": 0}, "steps", "greater than or equal to 1"),
