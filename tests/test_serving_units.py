@@ -442,3 +442,42 @@ def test_openapi_document_lists_the_real_responses():
     assert feedback["202"]["content"] == ok["content"]
     assert generate["429"]["headers"]["Retry-After"]["required"] and "Retry-After" in feedback["503"]["headers"]
     assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
+
+
+def test_admission_answers_503_over_the_in_flight_bound_and_keys_limits_by_the_trusted_header():
+    import asyncio
+
+    from alignloop.serving.limits import AdmissionMiddleware
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        config = ServingConfig(max_concurrency=1, identity_header="X-User", generate_per_min=60, generate_burst=1)
+        middleware = AdmissionMiddleware(app, config)
+
+        async def call(user, client="10.0.0.1"):
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+            scope = {"type": "http", "path": "/generate", "client": (client, 1234),
+                     "headers": [(b"x-user", user.encode())]}
+            await middleware(scope, None, send)
+            return sent[0]["status"], dict(sent[0]["headers"])
+
+        first = asyncio.create_task(call("ann"))
+        await asyncio.sleep(0.01)  # ann's request is in flight
+        status, headers = await call("ben")
+        assert (status, headers[b"retry-after"]) == (503, b"1")
+        release.set()
+        assert (await first)[0] == 200
+        status, headers = await call("ann", client="10.0.0.2")  # another address, the same user: limited
+        assert status == 429 and int(headers[b"retry-after"]) >= 1
+        assert (await call("cat"))[0] == 200  # the same address, another user: not
+
+    asyncio.run(scenario())
