@@ -1,7 +1,8 @@
 """Secrets (feedback-token key, user-id hash key, admin token): from the environment, else a file.
 
 `ALIGNLOOP_<NAME>` wins; otherwise `<ALIGNLOOP_HOME>/secrets/<name>` is read, and on first use created with
-32 random bytes, mode 0600, outside the repository. Nothing secret is ever committed.
+32 random bytes, mode 0600, outside the repository. Nothing secret is ever committed. `optional_secret` reads
+one that exists only when an operator put it there (the previous feedback-token key, during a rotation).
 """
 
 import os
@@ -35,6 +36,15 @@ def load_secret(name: str) -> bytes:
         finally:
             mine.unlink()
     return path.read_text().strip().encode()
+
+
+def optional_secret(name: str) -> bytes | None:
+    """Like load_secret, but None (never created) when neither the variable nor the file is there."""
+    env = os.environ.get(f"ALIGNLOOP_{name.upper()}")
+    if env:
+        return env.encode()
+    path = secret_path(name)
+    return path.read_text().strip().encode() if path.exists() else None
 
 
 def secret_path(name: str) -> Path:

@@ -24,9 +24,14 @@ batched convolution can differ in the last bits between batch sizes; images agre
 
 With `cross_request=False` a pass holds candidates of one request only: the baseline the benchmark
 compares against.
+
+The queue is bounded: `submit` raises `QueueFull` (503 with Retry-After) when the candidates already waiting plus
+the new request's would exceed `max_queued_images`, so overload is answered at once instead of with ever longer
+waits and an ever larger queue. A request that finds the queue empty is always taken.
 """
 
 import collections
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -58,6 +63,14 @@ class _Job:
         return (self.steps, self.guidance, self.adapter)
 
 
+class QueueFull(Exception):
+    """The batcher's queue is full; `retry_after_s`: when it will likely have room (whole seconds, >= 1)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class SampledImages:
     images: torch.Tensor  # [n, 3, H, W] float32 in [0, 1], CPU
@@ -68,13 +81,16 @@ class SampledImages:
 class DiffusionBatcher:
     def __init__(self, pipeline, max_batch_images: int = 64, wait_ms: float = 5.0, cross_request: bool = True,
                  on_pass: Optional[Callable[[int, int, float], None]] = None,
-                 activate: Optional[Callable[[str], None]] = None):
+                 activate: Optional[Callable[[str], None]] = None, max_queued_images: Optional[int] = None):
         """`on_pass(images, requests, seconds)` is called after each pass (metrics); `activate(adapter)` before each
-        pass, on this thread (serving.adapter_slots.AdapterSlots.activate)."""
+        pass, on this thread (serving.adapter_slots.AdapterSlots.activate); `max_queued_images`: the queue's bound
+        (None = unbounded, for in-process benchmarks and tests)."""
         if max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
         self.pipeline = pipeline
         self.max_batch_images = max_batch_images
+        self.max_queued_images = max_queued_images
+        self._pass_s = 1.0  # recent seconds per pass (moving average), for Retry-After
         self.wait_s = max(0.0, wait_ms) / 1000
         self.cross_request = cross_request
         self._on_pass = on_pass
@@ -101,6 +117,11 @@ class DiffusionBatcher:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the batcher is closed")
+            waiting = sum(len(j.seeds) - j.taken for j in self._queue)
+            if self.max_queued_images is not None and waiting and waiting + len(seeds) > self.max_queued_images:
+                passes = math.ceil(waiting / self.max_batch_images)
+                raise QueueFull(f"the server is at capacity ({waiting} images queued, at most "
+                                f"{self.max_queued_images}); retry later", max(1, math.ceil(passes * self._pass_s)))
             self._queue.append(job)
             self._cond.notify()
         return job.future
@@ -221,6 +242,7 @@ class DiffusionBatcher:
             return
         elapsed = time.monotonic() - started
         self.passes += 1
+        self._pass_s = 0.8 * self._pass_s + 0.2 * elapsed
         if self._on_pass:
             self._on_pass(len(prompts), len(slots), elapsed, adapter)
         # 3. Hand each request its images; complete the requests that have all of theirs

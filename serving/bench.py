@@ -217,7 +217,9 @@ class _Server:
         env = {**os.environ, "ALIGNLOOP_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
                "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
                "ALIGNLOOP_SERVE_CROSS_REQUEST_BATCHING": "1" if self.batching else "0",
-               "ALIGNLOOP_SERVE_DEFAULT_STEPS": str(self.steps)}
+               "ALIGNLOOP_SERVE_DEFAULT_STEPS": str(self.steps),
+               # Every client is 127.0.0.1, one identity to the rate limiter: the benchmarks measure without limits.
+               "ALIGNLOOP_SERVE_GENERATE_PER_MIN": "0", "ALIGNLOOP_SERVE_FEEDBACK_PER_MIN": "0"}
         self.log = open(self.home / "serve.log", "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", "--port", str(port)], env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

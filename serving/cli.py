@@ -21,6 +21,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     p.add_argument("--max-batch-images", type=int, default=None, help="images per diffusion pass (default 64)")
     p.add_argument("--no-batching", action="store_true", help="one request per diffusion pass (baseline)")
+    p.add_argument("--identity-header", default=None,
+                   help="trust this header as the user id (set by an authenticating proxy in front of the service; "
+                        "then required, and the body's user_id is ignored). Default: none trusted. Rate limits and "
+                        "queue bounds: ALIGNLOOP_SERVE_GENERATE_PER_MIN, _GENERATE_BURST, _FEEDBACK_PER_MIN, "
+                        "_FEEDBACK_BURST (0 = no limit), _MAX_QUEUED_IMAGES, _MAX_CONCURRENCY")
     p.set_defaults(func=_serve)
 
 
@@ -57,7 +62,7 @@ def serving_config_from_args(args):
     from alignloop.serving.config import ServingConfig
 
     changes = {}
-    for name in ("workers", "generator", "clip", "clip_checkpoint", "device", "max_batch_images"):
+    for name in ("workers", "generator", "clip", "clip_checkpoint", "device", "max_batch_images", "identity_header"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value

@@ -8,6 +8,7 @@ each worker reads them back with `ServingConfig.from_env()`. Unset variables kee
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 ENV_PREFIX = "ALIGNLOOP_SERVE_"
@@ -41,7 +42,8 @@ class ServingConfig:
     threads: int = 16  # request threads per worker; they wait on the micro-batcher, so more than cores is fine
     torch_threads: int = 0  # intra-op threads per worker; 0 = cores // workers (no oversubscription)
     timeout_s: float = 300.0  # per-request limit enforced by BentoML (seconds)
-    max_concurrency: int = 64  # requests in flight per worker before BentoML answers 429
+    # /generate and /feedback requests in flight per worker; more get 503 with Retry-After (serving/limits.py)
+    max_concurrency: int = 64
 
     # -- sampling -------------------------------------------------------------------------------------------
     default_steps: int = 20  # denoising steps when the request leaves `steps` out
@@ -58,6 +60,23 @@ class ServingConfig:
     # Chance per request that the last of the k images shown is drawn from the candidates ranked k-th and below
     # instead of the k-th best, so that votes also reach what the reward ranks low (selection bias).
     explore_probability: float = 0.25
+    # Candidates waiting for the batcher (submitted, not yet in a pass) per worker; a /generate that would push
+    # the queue past it gets 503 with Retry-After instead of waiting ever longer. A request finding the queue
+    # empty is always taken, so any n up to 64 can be served.
+    max_queued_images: int = 512
+
+    # -- identity and abuse limits (serving/identity.py, serving/limits.py) ---------------------------------------
+    # Header naming the user, set by an authenticating proxy in front of the service (e.g. X-Forwarded-User).
+    # "" = no proxy: the body's user_id (or the /ui cookie) is the identity. Set: the header is the identity and
+    # required (401 without it), the body's user_id is ignored.
+    identity_header: str = ""
+    # Token buckets per identity (the trusted header's user, else the client's address) and per worker: a
+    # sustained rate (requests per minute; 0 = no limit) and a burst (requests allowed at once). Over it: 429
+    # with Retry-After. With W workers a client can get up to W times these.
+    generate_per_min: float = 30.0
+    generate_burst: int = 10
+    feedback_per_min: float = 300.0
+    feedback_burst: int = 60
 
     # -- feedback -------------------------------------------------------------------------------------------
     token_ttl_s: int = 7 * 24 * 3600  # feedback tokens expire this long after the images were returned (s)
@@ -79,6 +98,16 @@ class ServingConfig:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_queued_images < 1:
+            raise ValueError(f"max_queued_images must be >= 1, got {self.max_queued_images}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        for name in ("generate", "feedback"):
+            if getattr(self, f"{name}_per_min") < 0 or getattr(self, f"{name}_burst") < 1:
+                raise ValueError(f"{name}_per_min must be >= 0 (0 = no limit) and {name}_burst >= 1, got "
+                                 f"{getattr(self, f'{name}_per_min')} and {getattr(self, f'{name}_burst')}")
+        if self.identity_header and not re.fullmatch(r"[A-Za-z0-9-]+", self.identity_header):
+            raise ValueError(f"identity_header must be a header name (letters, digits, '-'), got {self.identity_header!r}")
         if self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
         if not 1 <= self.default_steps <= 150:

@@ -1,10 +1,12 @@
 """What POST /generate and POST /feedback do, free of HTTP: service.py routes to these two methods.
 
 `ServingCore` depends on small interfaces only (a sampler, an event sink, an image store, a vote ledger and
-the token key), so unit tests run it with fakes; the integration tests run it behind the real server.
+the token keys), so unit tests run it with fakes; the integration tests run it behind the real server. Who is
+asking (an `Identity`) is decided before, in serving/identity.py; without one, the body's user_id is used.
 """
 
 import base64
+import hmac
 import io
 import json
 import logging
@@ -15,16 +17,17 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from alignloop.events import FeedbackEvent, GeneratedImage, GenerationEvent, GenerationParams, hash_user_id
+from alignloop.events import FeedbackEvent, GeneratedImage, GenerationEvent, GenerationParams
 from alignloop.feedback.producer import EventSink
 from alignloop.serving import metrics
 from alignloop.serving.adapter_slots import CONFIG_ROLLOUT, RoutingTable
 from alignloop.serving.arms import assign_arm
 from alignloop.serving.config import ServingConfig
+from alignloop.serving.identity import Identity
 from alignloop.serving.sampler import BestOfN
 from alignloop.serving.schemas import (FeedbackRequest, FeedbackResponse, GenerateRequest, GenerateResponse,
                                        ImageResult, Timings)
-from alignloop.serving.tokens import TokenClaims, TokenError, mint, prompt_hash, verify
+from alignloop.serving.tokens import Keyring, TokenClaims, TokenError, mint, prompt_hash, verify
 from alignloop.serving.votes import ANONYMOUS, VoteLedger
 
 log = logging.getLogger("alignloop.serving")
@@ -47,20 +50,21 @@ class ServingCore:
     sink: EventSink
     store: ImageStoreLike
     ledger: VoteLedger
-    token_key: bytes
+    token_key: Keyring | bytes  # the feedback-token keys (tokens.default_keys()); bytes: one key
     config: ServingConfig
     clock: Callable[[], float] = time.time  # token expiry; tests move it
     # The routing table now (serving.adapter_slots.RolloutFollower.table); None: the config's arms.
     routing: Optional[Callable[[], RoutingTable]] = None
 
-    def generate(self, req: GenerateRequest, anon_id: Optional[str] = None) -> GenerateResponse:
-        """`anon_id`: the anonymous id of the /ui cookie, which routes a request without a user id."""
+    def generate(self, req: GenerateRequest, identity: Optional[Identity] = None) -> GenerateResponse:
+        """`identity`: who is asking (serving/identity.py); None = the body's user_id."""
         started = time.monotonic()
+        identity = identity or Identity(user_id=req.user_id)
         # 1. Route: the user's arm in the current rollout decides the adapter (sticky by hashed user id, or by
         #    the anonymous cookie); the table is read once, so one rollout routes the whole request.
-        user_hash = hash_user_id(req.user_id) if req.user_id else None
+        user_hash = identity.user_hash
         table = self.routing() if self.routing else RoutingTable(CONFIG_ROLLOUT, tuple(self.config.arms))
-        arm = assign_arm(user_hash or (f"anon:{anon_id}" if anon_id else None), table.arms, table.rollout_id)
+        arm = assign_arm(identity.routing_key, table.arms, table.rollout_id)
         steps = req.steps if req.steps is not None else self.config.default_steps
         guidance = req.guidance if req.guidance is not None else self.config.default_guidance
         request_id = f"req-{uuid.uuid4().hex}"
@@ -88,13 +92,13 @@ class ServingCore:
         ))
         t_done = time.monotonic()
 
-        # 5. Sign one feedback token per image and answer
+        # 5. Sign one feedback token per image, bound to who asked, and answer
         expires_at = int(self.clock()) + self.config.token_ttl_s
         digest = prompt_hash(req.prompt)
         images = [
             ImageResult(image_id=image_id, image=base64.b64encode(png).decode(), reward=best.rewards[r], rank=r + 1,
                         candidate_index=best.indices[r], seed=best.seeds[r], feedback_token=mint(self.token_key, TokenClaims(image_id, request_id, digest, arm.name,
-                                                                        best.adapter, expires_at)))
+                                                                        best.adapter, expires_at, identity.owner)))
             for r, (image_id, png) in enumerate(zip(image_ids, pngs))
         ]
         timings = Timings(queue_ms=_ms(best.queue_s), sampling_ms=_ms(best.sampling_s),
@@ -115,18 +119,24 @@ class ServingCore:
                                 reward_model=best.reward_model, seed=best.seed, n=req.n,
                                 k=req.k, steps=steps, guidance=float(guidance), images=images, timings=timings)
 
-    def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
-        """Raises TokenError (-> 401) for a token that is malformed, not ours, altered or expired."""
-        # 1. Verify the token: signature first, then expiry
+    def feedback(self, req: FeedbackRequest, identity: Optional[Identity] = None) -> FeedbackResponse:
+        """Raises TokenError: 401 for a token that is malformed, not ours, altered or expired; 403 for a token
+        issued to another identity. `identity`: who is voting; None = the body's user_id."""
+        identity = identity or Identity(user_id=req.user_id)
+        # 1. Verify the token: key and signature first, then expiry, then that it was issued to this voter
         try:
             claims = verify(self.token_key, req.feedback_token, now=self.clock())
+            if not hmac.compare_digest(claims.owner, identity.owner):
+                raise TokenError("other_identity", "feedback_token was issued to another identity: vote as the "
+                                                   "user (or from the browser) that generated the image")
         except TokenError as err:
             metrics.FEEDBACK_REJECTED.labels(err.reason).inc()
             log_event("feedback_rejected", reason=err.reason)
             raise
 
-        # 2. Dedupe per (image, user): the same vote again returns the first event's id
-        user_hash = hash_user_id(req.user_id) if req.user_id else None
+        # 2. Dedupe per (image, user): the same vote again returns the first event's id. The voter must be the
+        #    token's owner, so an image has one vote per identity it was generated for, whatever else is claimed.
+        user_hash = identity.user_hash
         event = FeedbackEvent(request_id=claims.request_id, image_id=claims.image_id, vote=req.vote,
                               user_hash=user_hash, arm=claims.arm, adapter_version=claims.adapter,
                               image_uri=self.store.uri(claims.image_id))

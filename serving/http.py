@@ -33,8 +33,11 @@ def describe_errors(detail: list) -> tuple[str, list]:
     return summary, fields
 
 
-def json_error(status: int, message: str, **extra) -> Response:
-    return Response(json.dumps({"error": message, **extra}), status_code=status, media_type="application/json")
+def json_error(status: int, message: str, retry_after_s: int | None = None, **extra) -> Response:
+    """The body every error of the API has (serving/openapi.py documents it); 429 and 503 say when to retry."""
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return Response(json.dumps({"error": message, **extra}), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 class ApiErrorMiddleware:

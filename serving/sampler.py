@@ -157,7 +157,7 @@ def load_sampler(config, on_pass=None) -> tuple[Sampler, "DiffusionBatcher"]:  #
 
     slot = RewardSlot(RewardScorer(clip, head=None, backend=config.scorer_backend))
     batcher = DiffusionBatcher(pipe, config.max_batch_images, config.batch_wait_ms, config.cross_request_batching,
-                               on_pass=on_pass)
+                               on_pass=on_pass, max_queued_images=config.max_queued_images)
     from alignloop.serving.adapter_slots import AdapterSlots
 
     batcher.slots = AdapterSlots(pipe, batcher, config.max_adapters, config.max_adapter_rank)

@@ -24,7 +24,10 @@ UserId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$"),
     Field(description="Your user id (1..128 printable ASCII characters, no spaces). Optional; it is stored only "
-                      "as a keyed hash. Votes are deduplicated per image and user.", examples=["alice"]),
+                      "as a keyed hash. Used only when the service has no identity header configured (no "
+                      "authenticating proxy in front of it); behind one it is ignored and the proxy's header says "
+                      "who you are. Feedback tokens are bound to the id that generated the image: vote with the "
+                      "same one (another gets 403).", examples=["alice"]),
 ]
 
 
@@ -42,7 +45,9 @@ class GenerateRequest(_Request):
 
     prompt: Prompt
     n: int = Field(default=8, ge=1, le=MAX_N, description=f"Candidates to sample, 1..{MAX_N}.")
-    k: int = Field(default=2, ge=1, le=MAX_N, description="Candidates to return (the k best by reward), 1..n.")
+    # validate_default: {"n": 1} alone must be refused naming k (found by schemathesis: it was a 500).
+    k: int = Field(default=2, ge=1, le=MAX_N, validate_default=True,
+                   description="Candidates to return (the k best by reward), 1..n; 2 when left out.")
     steps: Optional[int] = Field(default=None, ge=1, le=150,
                                  description="Denoising steps, 1..150; the server default when left out.")
     guidance: Optional[float] = Field(default=None, ge=0, le=30, allow_inf_nan=False,
@@ -107,7 +112,7 @@ class FeedbackRequest(_Request):
     """A thumbs-up or thumbs-down on one returned image."""
 
     model_config = ConfigDict(json_schema_extra={"example": {
-        "feedback_token": "v1.eyJpbWFnZV9pZCI6ImltZy0uLi4ifQ.c2lnbmF0dXJl", "vote": "up", "user_id": "alice"}})
+        "feedback_token": "v2.1a2b3c4d.eyJpbWFnZV9pZCI6ImltZy0uLi4ifQ.c2lnbmF0dXJl", "vote": "up", "user_id": "alice"}})
 
     feedback_token: str = Field(min_length=1, max_length=2048, description="The image's feedback_token from /generate.")
     vote: Literal["up", "down"]
@@ -121,7 +126,3 @@ class FeedbackResponse(BaseModel):
     image_id: str
     vote: Literal["up", "down"]
 
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="What was wrong, naming the field, the allowed range and the value received.")
-    reason: Optional[str] = Field(default=None, description="Machine-readable reason (401s: malformed, bad_signature, expired).")

@@ -3,11 +3,13 @@
 Fixtures:
 - `served` (session): `alignloop serve` in a subprocess on a free loopback port, ALIGNLOOP_HOME in a temp dir,
   its producer pointed at the `kafka_broker` fixture with its own prefixed topics, known feedback-token and
-  user-hash keys (so tests can mint expired tokens and check hashes). Started once per session; waits for
-  /readyz. A `Served`: `.url`, `.bootstrap`, `.topics`, `.token_key`, `.user_hash_key`, `.log_path`,
-  `.post(path, json)`, `.log_text()`.
+  user-hash keys (so tests can mint expired tokens and check hashes), and a previous token key as in the middle
+  of a key rotation. Started once per session; waits for /readyz. A `Served`: `.url`, `.bootstrap`, `.topics`,
+  `.token_key`, `.previous_token_key`, `.user_hash_key`, `.log_path`, `.post(path, json)`, `.log_text()`.
 
-Tests ask for few steps (the server's default here is 3) to stay quick on a 2-core machine.
+Tests ask for few steps (the server's default here is 3) to stay quick on a 2-core machine. Servers started by
+`start_server` have no rate limits (every test client is 127.0.0.1, one identity to the limiter) unless
+`extra_env` sets them; tests/test_serving_abuse.py does.
 """
 
 import os
@@ -34,6 +36,7 @@ class Served:
     bootstrap: str
     topics: Topics
     token_key: bytes
+    previous_token_key: bytes
     user_hash_key: bytes
     log_path: Path
     home: Path
@@ -61,6 +64,8 @@ def start_server(home: Path, bootstrap: str, topics_prefix: str, extra_env: dict
         "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": bootstrap,
         "ALIGNLOOP_SERVE_TOPIC_PREFIX": topics_prefix,
         "ALIGNLOOP_SERVE_DEFAULT_STEPS": "3",
+        "ALIGNLOOP_SERVE_GENERATE_PER_MIN": "0",
+        "ALIGNLOOP_SERVE_FEEDBACK_PER_MIN": "0",
         **(extra_env or {}),
     }
     log_path = home / "serve.log"
@@ -100,12 +105,15 @@ def served(kafka_broker, tmp_path_factory):
     prefix = f"serve-{uuid.uuid4().hex[:8]}."
     topics = kafka_broker.create_topics(Topics().prefixed(prefix))
     token_key = uuid.uuid4().hex.encode()
+    previous_token_key = uuid.uuid4().hex.encode()
     user_hash_key = uuid.uuid4().hex.encode()
     process, url, log_path = start_server(home, kafka_broker.bootstrap, prefix, {
         "ALIGNLOOP_FEEDBACK_TOKEN_KEY": token_key.decode(),
+        "ALIGNLOOP_FEEDBACK_TOKEN_KEY_PREVIOUS": previous_token_key.decode(),
         "ALIGNLOOP_USER_HASH_KEY": user_hash_key.decode(),
     })
     try:
-        yield Served(url, kafka_broker.bootstrap, topics, token_key, user_hash_key, log_path, home, process)
+        yield Served(url, kafka_broker.bootstrap, topics, token_key, previous_token_key, user_hash_key, log_path, home,
+                     process)
     finally:
         stop_server(process)

@@ -309,10 +309,10 @@ def test_anonymous_browser_users_are_sticky_by_the_ui_cookie(tmp_path_factory, b
         assert response.status_code == 200, response.text
         answer = response.json()
         answers[answer["request_id"]] = (answer["arm"], answer["adapter"])
-        last[(answer["arm"], answer["adapter"])] = answer
+        last[(answer["arm"], answer["adapter"])] = (answer, session)
         return answer["arm"], answer["adapter"]
 
-    last = {}  # (arm, adapter) -> the last response from it
+    last = {}  # (arm, adapter) -> the last response from it, and the browser (session) it went to
 
     try:
         registry = Registry(home / "registry")
@@ -348,11 +348,13 @@ def test_anonymous_browser_users_are_sticky_by_the_ui_cookie(tmp_path_factory, b
             if seen == arms:
                 break
         assert seen == arms, seen
-        # A vote on each arm's image is counted under the arm and the adapter version that drew it.
+        # A vote on each arm's image is counted under the arm and the adapter version that drew it. The token is
+        # bound to the browser's cookie: from that browser it counts, without the cookie it is refused.
         for arm, adapter in arms:
-            token = last[(arm, adapter)]["images"][0]["feedback_token"]
-            assert requests.post(url + "/feedback", json={"feedback_token": token, "vote": "up"},
-                                 timeout=60).status_code == 202
+            answer, session = last[(arm, adapter)]
+            vote = {"feedback_token": answer["images"][0]["feedback_token"], "vote": "up"}
+            assert requests.post(url + "/feedback", json=vote, timeout=60).status_code == 403
+            assert session.post(url + "/feedback", json=vote, timeout=60).status_code == 202
         from prometheus_client.parser import text_string_to_metric_families
 
         counted = {(sample.labels["arm"], sample.labels["adapter"]): sample.value

@@ -120,26 +120,46 @@ def test_replayed_vote_is_idempotent_and_a_changed_vote_is_new(generation, serve
         assert replay.status_code == 202
         assert replay.json() == {**first.json(), "status": "duplicate"}
     other_user = served.post("/feedback", {**vote, "user_id": "bob-serving-test"})
-    assert other_user.json()["status"] == "accepted"
+    assert other_user.status_code == 403 and other_user.json()["reason"] == "other_identity"  # not his image
     changed = served.post("/feedback", {**vote, "vote": "up"})
     assert changed.json()["status"] == "accepted" and changed.json()["event_id"] != first.json()["event_id"]
-    events = _wait_events(served, served.topics.feedback, 3, image_id=image["image_id"])
+    events = _wait_events(served, served.topics.feedback, 2, image_id=image["image_id"])
     time.sleep(1)  # anything double-counted would have arrived by now
     events = _events(served, served.topics.feedback, image_id=image["image_id"])
-    assert sorted((e.vote, e.user_hash == _user_hash(served, USER)) for e in events) == [
-        ("down", False), ("down", True), ("up", True)]
+    assert sorted((e.vote, e.user_hash == _user_hash(served, USER)) for e in events) == [("down", True), ("up", True)]
 
 
-def _tamper(token: str) -> str:
-    version, payload, signature = token.split(".")
+def test_one_token_voted_under_many_identities_counts_once(served):
+    """The ballot stuffing of issue 14: one token sent as a thumbs-down under six made-up user ids (and with no id
+    at all) gave six 202s and six events. Now the token is bound to who generated the image: one event."""
+    result = served.post("/generate", {"prompt": PROMPT, "n": 1, "k": 1, "steps": 1, "user_id": "stuffer-0"}).json()
+    token = result["images"][0]["feedback_token"]
+    answers = [served.post("/feedback", {"feedback_token": token, "vote": "down", "user_id": f"stuffer-{i}"})
+               for i in range(6)]
+    answers.append(served.post("/feedback", {"feedback_token": token, "vote": "down"}))
+    assert [a.status_code for a in answers] == [202] + [403] * 6, [a.text for a in answers]
+    assert all(a.json()["reason"] == "other_identity" and "another identity" in a.json()["error"] for a in answers[1:])
+    _wait_events(served, served.topics.feedback, 1, image_id=result["images"][0]["image_id"])
+    time.sleep(1)
+    assert len(_events(served, served.topics.feedback, image_id=result["images"][0]["image_id"])) == 1
+
+
+def _tamper(token: str, **changes) -> str:
+    version, kid, payload, signature = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    claims["arm"] = "B"  # e.g. crediting another arm
+    claims.update(changes)
     forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{version}.{forged_payload}.{signature}"
+    return f"{version}.{kid}.{forged_payload}.{signature}"
+
+
+def _with_key_id_of(token: str, key: bytes) -> str:
+    version, _, payload, signature = token.split(".")
+    return f"{version}.{tokens.key_id(key)}.{payload}.{signature}"
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("forged", "bad_signature"), ("tampered", "bad_signature"), ("expired", "expired"),
+    ("forged", "unknown_key"), ("forged under our key id", "bad_signature"), ("tampered", "bad_signature"),
+    ("another owner written in", "bad_signature"), ("expired", "expired"), ("retired key", "unknown_key"),
     ("truncated", "malformed"), ("garbage", "malformed"),
 ])
 def test_bad_tokens_are_rejected_with_401_and_a_reason(generation, served, case, reason):
@@ -148,8 +168,11 @@ def test_bad_tokens_are_rejected_with_401_and_a_reason(generation, served, case,
     claims = tokens.verify(served.token_key, image["feedback_token"])
     token = {
         "forged": tokens.mint(b"not-the-server-key", claims),
-        "tampered": _tamper(image["feedback_token"]),
+        "forged under our key id": _with_key_id_of(tokens.mint(b"not-the-server-key", claims), served.token_key),
+        "tampered": _tamper(image["feedback_token"], arm="B"),  # e.g. crediting another arm
+        "another owner written in": _tamper(image["feedback_token"], owner="0" * 32),
         "expired": tokens.mint(served.token_key, tokens.TokenClaims(**{**claims.__dict__, "expires_at": int(time.time()) - 5})),
+        "retired key": tokens.mint(b"a-key-retired-before-the-previous-one", claims),
         "truncated": image["feedback_token"][:-10],
         "garbage": "hello",
     }[case]
@@ -160,6 +183,19 @@ def test_bad_tokens_are_rejected_with_401_and_a_reason(generation, served, case,
     assert not _events(served, served.topics.feedback, image_id=image["image_id"])
 
 
+def test_tokens_of_the_previous_key_are_accepted_during_a_rotation(generation, served):
+    """The server holds a previous key (service_fixtures): a token it signed, before the rotation, still counts."""
+    _, result = generation
+    image = result["images"][2]
+    claims = tokens.verify(served.token_key, image["feedback_token"])
+    assert image["feedback_token"].split(".")[1] == tokens.key_id(served.token_key)  # new tokens: the current key
+    old = tokens.mint(served.previous_token_key, claims)
+    response = served.post("/feedback", {"feedback_token": old, "vote": "up", "user_id": USER})
+    assert response.status_code == 202 and response.json()["status"] == "accepted", response.text
+    [event] = _wait_events(served, served.topics.feedback, 1, image_id=image["image_id"])
+    assert str(event.event_id) == response.json()["event_id"]
+
+
 # -- bad input: 4xx naming the field, never a 500 ---------------------------------------------------------------
 
 BAD_GENERATE = [
@@ -167,6 +203,7 @@ BAD_GENERATE = [
     ("blank prompt", {"prompt": "   \t "}, "prompt", "at least 1 character"),
     ("10,000-char prompt", {"prompt": "x" * 10_000}, "prompt", "at most 500 characters"),
     ("k > n", {"prompt": PROMPT, "n": 3, "k": 5}, "k", "at most n"),
+    ("n below the default k", {"prompt": PROMPT, "n": 1}, "k", "got k=2, n=1"),
     ("n = 0", {"prompt": PROMPT, "n": 0, "k": 1}, "n", "greater than or equal to 1"),
     ("n = 1000", {"prompt": PROMPT, "n": 1000}, "n", "less than or equal to 64"),
     ("steps = 0", {"prompt": PROMPT, "steps": 0}, "steps", "greater than or equal to 1"),
@@ -248,6 +285,10 @@ def test_probes_openapi_and_ui(served):
     assert "/generate" in spec["paths"] and "/feedback" in spec["paths"]
     text = json.dumps(spec)
     assert '"maximum": 64' in text and '"maxLength": 500' in text and "three red circles" in text
+    # The API's own answers are documented (serving/openapi.py), not BentoML's defaults.
+    assert set(spec["paths"]["/generate"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "429", "500", "503"}
+    assert set(spec["paths"]["/feedback"]["post"]["responses"]) == {"202", "400", "401", "403", "413", "415", "429", "503"}
+    assert "Retry-After" in spec["paths"]["/generate"]["post"]["responses"]["503"]["headers"]
     page = served.get("/ui/")
     assert page.status_code == 200 and 'id="prompt"' in page.text
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]

@@ -48,24 +48,50 @@ def test_malformed_tokens(token, reason):
     assert err.value.reason == reason
 
 
+def _reason(keys, token):
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(keys, token)
+    return err.value.reason
+
+
 def test_forged_tampered_and_expired_tokens():
     token = tokens.mint(KEY, _claims())
-    with pytest.raises(tokens.TokenError, match="signature") as err:
-        tokens.verify(b"other-key", token)
-    assert err.value.reason == "bad_signature"
-    version, payload, signature = token.split(".")
+    assert _reason(b"other-key", token) == "unknown_key"  # signed by a key the verifier does not hold
+    version, kid, payload, signature = token.split(".")
     flipped = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1]
-    with pytest.raises(tokens.TokenError) as err:
-        tokens.verify(KEY, f"{version}.{flipped}.{signature}")
-    assert err.value.reason == "bad_signature"
+    assert _reason(KEY, f"{version}.{kid}.{flipped}.{signature}") == "bad_signature"
+    forged = tokens.mint(b"other-key", _claims()).split(".")  # another key's signature under our key id
+    assert _reason(KEY, ".".join([version, kid, *forged[2:]])) == "bad_signature"
     expired = tokens.mint(KEY, _claims(expires_at=1000))
-    with pytest.raises(tokens.TokenError, match="expired") as err:
+    with pytest.raises(tokens.TokenError, match="expired"):
         tokens.verify(KEY, expired)
-    assert err.value.reason == "expired"
     # Expiry is checked only after the signature: an expired forgery is a bad signature, not "expired".
-    with pytest.raises(tokens.TokenError) as err:
-        tokens.verify(b"other-key", expired)
-    assert err.value.reason == "bad_signature"
+    _, _, expired_payload, _ = expired.split(".")
+    assert _reason(KEY, f"{version}.{kid}.{expired_payload}.{signature}") == "bad_signature"
+
+
+def test_key_rotation_accepts_the_previous_key_until_it_is_retired():
+    old, new = b"o" * 32, b"n" * 32
+    before = tokens.mint(old, _claims())
+    rotated = tokens.Keyring(new, (old,))
+    after = tokens.mint(rotated, _claims(image_id="img-2"))
+    assert after.split(".")[1] == tokens.key_id(new) != before.split(".")[1] == tokens.key_id(old)
+    assert tokens.verify(rotated, before).image_id == "img-1"  # old tokens still count during the rotation
+    assert tokens.verify(rotated, after).image_id == "img-2"
+    assert _reason(tokens.Keyring(new), before) == "unknown_key"  # the previous key removed: refused
+
+
+def test_default_keys_read_the_previous_key_only_when_it_is_set(monkeypatch):
+    monkeypatch.setenv("ALIGNLOOP_FEEDBACK_TOKEN_KEY", "current-key")
+    monkeypatch.delenv("ALIGNLOOP_FEEDBACK_TOKEN_KEY_PREVIOUS", raising=False)
+    tokens.default_keys.cache_clear()
+    try:
+        assert tokens.default_keys() == tokens.Keyring(b"current-key")
+        monkeypatch.setenv("ALIGNLOOP_FEEDBACK_TOKEN_KEY_PREVIOUS", "old-key")
+        tokens.default_keys.cache_clear()
+        assert tokens.default_keys() == tokens.Keyring(b"current-key", (b"old-key",))
+    finally:
+        tokens.default_keys.cache_clear()
 
 
 # -- schemas --------------------------------------------------------------------------------------------------
@@ -304,7 +330,7 @@ def test_core_generate_stores_emits_and_signs(core):
 
 
 def test_core_feedback_dedupes_and_expires(core):
-    result = core.generate(GenerateRequest(prompt="two blue squares", n=2, k=1))
+    result = core.generate(GenerateRequest(prompt="two blue squares", n=2, k=1, user_id="dave"))
     token = result.images[0].feedback_token
     first = core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="dave"))
     again = core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="dave"))
@@ -322,3 +348,136 @@ def test_config_round_trips_through_the_environment():
     assert ServingConfig.from_env(config.to_env()) == config
     with pytest.raises(ValueError, match="ALIGNLOOP_SERVE_WORKERS"):
         ServingConfig.from_env({"ALIGNLOOP_SERVE_WORKERS": "two"})
+
+
+# -- identity, token binding, limits, the queue bound, the OpenAPI document --------------------------------------
+
+def test_identity_resolution_order():
+    from alignloop.serving.arms import ANON_COOKIE, mint_anon_cookie
+    from alignloop.serving.identity import Identity, IdentityError, resolve_identity
+
+    cookie = {ANON_COOKIE: mint_anon_cookie()}
+    # No header configured: the body's user id, else the signed cookie, else nobody.
+    assert resolve_identity("", {}, cookie, "alice") == Identity(user_id="alice")
+    anonymous = resolve_identity("", {}, cookie, None)
+    assert anonymous.user_id is None and anonymous.anon_id and anonymous.user_hash is None
+    assert resolve_identity("", {}, {ANON_COOKIE: "forged"}, None) == Identity()
+    # Header configured: the header, the body ignored; without the header, 401.
+    assert resolve_identity("X-User", {"X-User": "bob"}, cookie, "mallory") == Identity(user_id="bob")
+    for headers in ({}, {"X-User": "two words"}):
+        with pytest.raises(IdentityError):
+            resolve_identity("X-User", headers, cookie, "alice")
+    # Owners differ per identity, are not the event's user hash, and are empty only for nobody.
+    owners = {Identity(user_id="alice").owner, Identity(user_id="bob").owner, anonymous.owner, Identity().owner}
+    assert len(owners) == 4 and "" in owners and Identity(user_id="alice").user_hash not in owners
+
+
+def test_core_refuses_a_token_voted_by_another_identity(core):
+    from alignloop.serving.identity import Identity
+
+    result = core.generate(GenerateRequest(prompt="two blue squares", n=2, k=1), Identity(user_id="erin"))
+    token = result.images[0].feedback_token
+    for other in ("frank", "grace", "heidi"):  # ballot stuffing under made-up ids
+        with pytest.raises(tokens.TokenError) as err:
+            core.feedback(FeedbackRequest(feedback_token=token, vote="down"), Identity(user_id=other))
+        assert (err.value.reason, err.value.status) == ("other_identity", 403)
+    with pytest.raises(tokens.TokenError):
+        core.feedback(FeedbackRequest(feedback_token=token, vote="down"), Identity())  # nor anonymously
+    assert core.feedback(FeedbackRequest(feedback_token=token, vote="down"), Identity(user_id="erin")).status == "accepted"
+    assert len([e for e in core.sink.events if isinstance(e, FeedbackEvent)]) == 1
+
+
+def test_rate_limiter_allows_the_burst_then_the_rate():
+    from alignloop.serving.limits import RateLimiter
+
+    clock = SimpleNamespace(now=100.0)
+    limiter = RateLimiter(rate_per_s=0.5, burst=3, max_keys=2, clock=lambda: clock.now)
+    assert [limiter.acquire("a") for _ in range(3)] == [0, 0, 0]
+    assert limiter.acquire("a") == pytest.approx(2.0)  # one request per 2 s
+    assert limiter.acquire("b") == 0  # per key
+    clock.now += 2.0
+    assert limiter.acquire("a") == 0 and limiter.acquire("a") > 0
+    limiter.acquire("c")
+    assert len(limiter._buckets) == 2  # bounded: the least recently used key was dropped
+
+
+def test_batcher_queue_is_bounded():
+    from alignloop.serving.batching import QueueFull
+
+    release = threading.Event()
+
+    class Slow(FakePipeline):
+        def __call__(self, prompt, **kw):
+            release.wait(10)
+            return super().__call__(prompt, **kw)
+
+    batcher = DiffusionBatcher(Slow(), max_batch_images=4, wait_ms=0, max_queued_images=6)
+    try:
+        running = batcher.submit("first", [1, 2, 3, 4], 4, 7.5)  # taken into a pass at once
+        deadline = time.monotonic() + 5
+        while batcher._queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = batcher.submit("second", [5, 6, 7, 8], 4, 7.5)  # waits: 4 of 6 queued
+        with pytest.raises(QueueFull) as err:
+            batcher.submit("third", [9, 10, 11], 4, 7.5)
+        assert err.value.retry_after_s >= 1 and "at capacity" in str(err.value)
+        release.set()
+        assert running.result(timeout=10) and queued.result(timeout=10)
+        assert batcher.submit("big but alone", list(range(20)), 4, 7.5).result(timeout=10).images.shape[0] == 20
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_openapi_document_lists_the_real_responses():
+    from alignloop.serving.openapi import document_responses
+
+    ok = {"description": "Successful Response", "content": {"application/json": {"schema": {"$ref": "#/x"}}}}
+    spec = {"paths": {"/generate": {"post": {"responses": {"200": ok, "404": {}}}},
+                      "/feedback": {"post": {"responses": {"200": ok, "500": {}}}}}}
+    spec = document_responses(spec)
+    generate, feedback = (spec["paths"][p]["post"]["responses"] for p in ("/generate", "/feedback"))
+    assert set(generate) == {"200", "400", "401", "413", "415", "429", "500", "503"}
+    assert set(feedback) == {"202", "400", "401", "403", "413", "415", "429", "503"}
+    assert feedback["202"]["content"] == ok["content"]
+    assert generate["429"]["headers"]["Retry-After"]["required"] and "Retry-After" in feedback["503"]["headers"]
+    assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
+
+
+def test_admission_answers_503_over_the_in_flight_bound_and_keys_limits_by_the_trusted_header():
+    import asyncio
+
+    from alignloop.serving.limits import AdmissionMiddleware
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        config = ServingConfig(max_concurrency=1, identity_header="X-User", generate_per_min=60, generate_burst=1)
+        middleware = AdmissionMiddleware(app, config)
+
+        async def call(user, client="10.0.0.1"):
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+            scope = {"type": "http", "path": "/generate", "client": (client, 1234),
+                     "headers": [(b"x-user", user.encode())]}
+            await middleware(scope, None, send)
+            return sent[0]["status"], dict(sent[0]["headers"])
+
+        first = asyncio.create_task(call("ann"))
+        await asyncio.sleep(0.01)  # ann's request is in flight
+        status, headers = await call("ben")
+        assert (status, headers[b"retry-after"]) == (503, b"1")
+        release.set()
+        assert (await first)[0] == 200
+        status, headers = await call("ann", client="10.0.0.2")  # another address, the same user: limited
+        assert status == 429 and int(headers[b"retry-after"]) >= 1
+        assert (await call("cat"))[0] == 200  # the same address, another user: not
+
+    asyncio.run(scenario())
