@@ -144,7 +144,7 @@ def run_benches(benches: list[Bench], quick: bool, log_dir: Path, argv_for=None,
             record = run_one(bench.name, argv_for(bench, quick, bootstrap), limit, log_dir)
             state = f"ratio {record['ratio']}" if record["ok"] else f"FAILED: {record['error']}"
             log(f"bench report: {bench.name} {state} in {record['seconds']} s")
-            records[bench.name] = {"headline": bench.headline, **record}
+            records[bench.name] = {"headline": bench.headline, "quick": quick, **record}
         return records
     finally:
         if cluster is not None:
@@ -170,6 +170,8 @@ def render_table(report: dict) -> str:
     rows = ["| benchmark | headline ratio | means | seconds | machine | date |", "|---|---|---|---|---|---|"]
     for name, r in report["benches"].items():
         ratio = f"**{r['ratio']}**" if r["ok"] else f"failed: {r['error']}"
+        if r.get("quick"):
+            ratio += " (--quick)"
         rows.append(f"| `bench {name}` | {ratio} | {r.get('headline') or r.get('ratio_means') or ''} | "
                     f"{r['seconds']:.0f} | {machine_line(r.get('machine'))} | {r['date'][:10]} |")
     return "\n".join(rows)
@@ -200,7 +202,8 @@ def report_cli(args) -> int:
     benches = [b for b in BENCHES if not args.only or b.name in args.only]
     out = args.out or (home() / "bench" / "results-quick.json" if args.quick else Path("bench") / "results.json")
     # 2. Run
-    records = run_benches(benches, args.quick, log_dir=home() / "bench" / "logs", log=lambda m: print(m, file=sys.stderr))
+    records = run_benches(benches, args.quick, log_dir=home() / "bench" / "logs",
+                          log=lambda m: print(m, file=sys.stderr))
     # 3. Merge: a partial run (--only) keeps the other benchmarks' last records, each with its own date.
     previous = {}
     if args.only and out.exists():
