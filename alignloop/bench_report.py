@@ -3,13 +3,14 @@
 Each benchmark runs as its own subprocess (`python -m alignloop bench NAME [--quick] --json`) under its own time
 limit, and its last stdout line is parsed as the JSON object the benchmark convention promises (DESIGN.md). A
 benchmark that fails or times out is recorded with the tail of its stderr, the others still run, and the command
-exits 1 at the end. `feedback` gets a throwaway Kafka broker on free ports, started here and stopped at the end.
+exits 1 at the end. `feedback` gets a throwaway Kafka broker on free ports, started here for it and stopped after.
 
 A full run writes bench/results.json and rewrites the README's table between BEGIN and END. A quick run only shows
 that every benchmark still runs (CI): its figures are not the reported ones, so it writes elsewhere and never
 touches the README.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -71,7 +72,7 @@ def run_one(name: str, argv: list[str], limit_s: float, log_dir: Path) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     started = time.monotonic()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    date = _now()
     # Files, not pipes: a server a benchmark left behind cannot block us by holding a pipe open. Its own session,
     # so a timeout ends the benchmark and everything it started (the serving benches start servers).
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -102,6 +103,10 @@ def run_one(name: str, argv: list[str], limit_s: float, log_dir: Path) -> dict:
     return {**record, "ok": True, **summarize(result), "result": result}
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _end_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -124,33 +129,41 @@ def summarize(result: dict) -> dict:
 
 
 def run_benches(benches: list[Bench], quick: bool, log_dir: Path, argv_for=None, log=print) -> dict:
-    """Every benchmark in turn, one record each; a broker for those that need one, stopped at the end.
-    argv_for(bench, quick, bootstrap) gives each command line (default bench_argv)."""
+    """Every benchmark in turn, one record each. argv_for(bench, quick, bootstrap) gives each command line (default
+    bench_argv)."""
     argv_for = argv_for or bench_argv
-    cluster, kafka_dir, bootstrap = None, None, None
-    try:
-        if any(b.needs_kafka for b in benches):
-            from alignloop.feedback import broker
+    records = {}
+    for bench in benches:
+        limit = bench.quick_limit_s if quick else bench.full_limit_s
+        log(f"bench report: {bench.name} (limit {limit} s) ...")
+        try:
+            with _kafka(log) if bench.needs_kafka else contextlib.nullcontext() as bootstrap:
+                record = run_one(bench.name, argv_for(bench, quick, bootstrap), limit, log_dir)
+        except Exception as err:  # the broker did not start, or the command could not: this bench fails, not all
+            record = {"ok": False, "seconds": 0.0, "date": _now(), "error": f"{type(err).__name__}: {err}"}
+        state = f"ratio {record['ratio']}" if record["ok"] else f"FAILED: {record['error']}"
+        log(f"bench report: {bench.name} {state} in {record['seconds']} s")
+        records[bench.name] = {"headline": bench.headline, "quick": quick, **record}
+    return records
 
-            kafka_dir = Path(tempfile.mkdtemp(prefix="alignloop-bench-kafka-"))
-            cluster = broker.up(port=broker.free_port(), controller_port=broker.free_port(), path=kafka_dir,
-                                heap="384m", topics=None)
-            bootstrap = cluster.bootstrap
-            log(f"bench report: kafka at {bootstrap}")
-        records = {}
-        for bench in benches:
-            limit = bench.quick_limit_s if quick else bench.full_limit_s
-            log(f"bench report: {bench.name} (limit {limit} s) ...")
-            record = run_one(bench.name, argv_for(bench, quick, bootstrap), limit, log_dir)
-            state = f"ratio {record['ratio']}" if record["ok"] else f"FAILED: {record['error']}"
-            log(f"bench report: {bench.name} {state} in {record['seconds']} s")
-            records[bench.name] = {"headline": bench.headline, "quick": quick, **record}
-        return records
-    finally:
-        if cluster is not None:
+
+@contextlib.contextmanager
+def _kafka(log):
+    """A throwaway single-node broker on free ports, only while the benchmark that needs it runs (2 cores: a
+    broker idling beside the others would be measured too)."""
+    from alignloop.feedback import broker
+
+    path = Path(tempfile.mkdtemp(prefix="alignloop-bench-kafka-"))
+    try:
+        cluster = broker.up(port=broker.free_port(), controller_port=broker.free_port(), path=path, heap="384m",
+                            topics=None)
+        try:
+            log(f"bench report: kafka at {cluster.bootstrap}")
+            yield cluster.bootstrap
+        finally:
             cluster.stop()
-        if kafka_dir is not None:
-            shutil.rmtree(kafka_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def machine_line(machine: dict | None) -> str:
@@ -208,8 +221,7 @@ def report_cli(args) -> int:
     previous = {}
     if args.only and out.exists():
         previous = json.loads(out.read_text()).get("benches", {})
-    report = {"machine": describe_machine(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    report = {"machine": describe_machine(), "date": _now(),
               "quick": args.quick, "benches": {**previous, **records}}
     # 4. Write
     from alignloop.durable import write_durably

@@ -128,3 +128,33 @@ def test_table_between_markers_keeps_the_rest(tmp_path, fake):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="bench-table:start"):
         bench_report.rewrite_readme(readme, table)
+
+
+def test_a_kafka_bench_gets_the_bootstrap_and_a_broker_that_fails_fails_only_it(tmp_path, monkeypatch, fake):
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_kafka(log):
+        yield "127.0.0.1:1"
+
+    def argv(bench, quick, bootstrap):
+        seen.append(bootstrap)
+        return fake(bench, quick, bootstrap)
+
+    kafka_bench = Bench("ok", "", full_limit_s=60, quick_limit_s=10, needs_kafka=True)
+    monkeypatch.setattr(bench_report, "_kafka", fake_kafka)
+    records = bench_report.run_benches([kafka_bench], quick=True, log_dir=tmp_path, argv_for=argv, log=lambda m: None)
+    assert records["ok"]["ok"] and seen == ["127.0.0.1:1"]
+
+    @contextlib.contextmanager
+    def broken_kafka(log):
+        raise RuntimeError("no java")
+        yield
+
+    monkeypatch.setattr(bench_report, "_kafka", broken_kafka)
+    records = bench_report.run_benches([kafka_bench, Bench("fail", "", 60, 10)], quick=True,
+                                       log_dir=tmp_path, argv_for=fake, log=lambda m: None)
+    assert records["ok"]["error"] == "RuntimeError: no java"
+    assert records["fail"]["error"] == "exit status 3"  # the next bench still ran
