@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "alignloop.serving.cli",
     "alignloop.kernels.cli",
     "alignloop.trainer.cli",
+    "alignloop.bench_report",  # last: `bench report` runs the benchmarks above
 ]
 
 
