@@ -34,16 +34,16 @@ def add_commands(sub) -> None:
     add_config_args(p, RewardTrainConfig())
     p.set_defaults(func=_train_reward)
 
-    from alignloop.trainer.config import KtoConfig, PpoConfig, ReflConfig, RwrConfig
+    from alignloop.trainer.config import METHOD_CONFIGS
 
     methods = {
-        "rwr": (RwrConfig, "reward-weighted likelihood (Lee et al. eq. 2): votes as rewards, + β·pre-training loss"),
-        "ppo": (PpoConfig, "PPO on the denoising MDP (Pinterest, DDPO) with the live learned reward and color "
-                           "diversity"),
-        "refl": (ReflConfig, "reward gradient through the decoder, CLIP and head, with a KL term (after ReFL)"),
-        "kto": (KtoConfig, "Diffusion-KTO on the raw thumbs, no reward model"),
+        "rwr": "reward-weighted likelihood (Lee et al. eq. 2): votes as rewards, + β·pre-training loss",
+        "ppo": "PPO on the denoising MDP (Pinterest, DDPO) with the live learned reward and color diversity",
+        "refl": "reward gradient through the decoder, CLIP and head, with a KL term (after ReFL)",
+        "kto": "Diffusion-KTO on the raw thumbs, no reward model",
     }
-    for name, (config_class, what) in methods.items():
+    for name, what in methods.items():
+        config_class = METHOD_CONFIGS[name]
         p = tsub.add_parser(name, help=f"LoRA fine-tuning: {what}",
                             description=f"Fine-tune a LoRA on the UNet with {what}, from a snapshot's votes (each "
                                         "voted image redrawn from its recorded seed), evaluate it, and publish it "

@@ -189,10 +189,8 @@ class NightlyConfig:
     max_drop: float = 0.0  # open no canary when the candidate's seen pass rate is below its parent's by more
 
     def __post_init__(self):
-        from alignloop.trainer.finetune_job import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in METHOD_CONFIGS:
+            raise ValueError(f"method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}")
         checks = [("steps", isinstance(self.steps, int) and self.steps >= 0, "an integer >= 0"),
                   ("canary_share", 0 < self.canary_share < 1, "in (0, 1)"),
                   ("eval_prompts", isinstance(self.eval_prompts, int) and self.eval_prompts >= 1, "an integer >= 1"),
@@ -204,3 +202,7 @@ class NightlyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The config class of each fine-tuning method (the CLI's `train METHOD` flags, the nightly job's --method).
+METHOD_CONFIGS = {"rwr": RwrConfig, "ppo": PpoConfig, "refl": ReflConfig, "kto": KtoConfig}

@@ -20,8 +20,9 @@ from typing import Optional
 import numpy as np
 
 from alignloop.errors import UserFacingError
+from alignloop.trainer.config import METHOD_CONFIGS
 
-METHODS = ("rwr", "ppo", "refl", "kto")
+METHODS = tuple(METHOD_CONFIGS)  # rwr, ppo, refl, kto
 REDRAW_TOLERANCE = 2.0 / 255  # mean absolute pixel difference between a redraw and the voted PNG
 
 
@@ -118,6 +119,21 @@ def train_method(name: str, config, samples, votes, learned, learned_scores, cli
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
+def evaluate_splits(pipe, clip, config, eval_prompts: int, progress: bool) -> dict:
+    """Pass rate, fidelity and diversity on unseen and seen world prompts (4 seeded images each, the sampler of
+    `config`): the same prompts and seeds for every pipeline, so an adapter and its parent compare one to one."""
+    from alignloop.trainer.finetune_eval import evaluate_adapter
+
+    metrics = {}
+    for split_name in ("unseen", "seen"):
+        result = evaluate_adapter(pipe, clip, split_name, per_prompt=4, max_prompts=eval_prompts,
+                                  steps=config.sample_steps, guidance=config.guidance, progress=progress)
+        metrics[f"{split_name}_pass"] = result["overall"]
+        metrics[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
+        metrics[f"{split_name}_diversity"] = result["diversity"]
+    return metrics
+
+
 def publish_trained(store, adapter_dir: Path, method: str, config, metrics: dict, data: dict, why: str,
                     parent: Optional[str] = None):
     """Publish the adapter a run saved in `adapter_dir` as a candidate: its weights, adapter.json and a manifest
@@ -140,7 +156,6 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
     from alignloop.models import load_clip, load_generator
     from alignloop.registry import Registry
     from alignloop.settings import home
-    from alignloop.trainer.finetune_eval import evaluate_adapter
     from alignloop.trainer.reward_model import read_snapshot
 
     if method not in METHODS:
@@ -174,13 +189,7 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
 
     # 3. Evaluate, save, publish
     run.unet.eval()
-    metrics = {}
-    for split_name in ("unseen", "seen"):
-        result = evaluate_adapter(run.pipe, clip, split_name, per_prompt=4, max_prompts=eval_prompts,
-                                  steps=config.sample_steps, guidance=config.guidance, progress=progress)
-        metrics[f"{split_name}_pass"] = result["overall"]
-        metrics[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
-        metrics[f"{split_name}_diversity"] = result["diversity"]
+    metrics = evaluate_splits(run.pipe, clip, config, eval_prompts, progress)
     data = {"snapshot": str(folder), "snapshot_version": folder.name, "offsets": snapshot_manifest.get("offsets"),
             "votes": int(len(votes)), "redraw": redraw, "reward_model": reward_source}
     adapter_dir = run.finish({"data": data, "metrics": metrics})

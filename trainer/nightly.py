@@ -230,11 +230,10 @@ def stage_reward(state: RunState, store, registry_url, progress: bool, log) -> d
 
 
 def _method_config(config: NightlyConfig, init_adapter: str):
-    from alignloop.trainer.config import KtoConfig, PpoConfig, ReflConfig, RwrConfig
+    from alignloop.trainer.config import METHOD_CONFIGS
 
-    classes = {"rwr": RwrConfig, "ppo": PpoConfig, "refl": ReflConfig, "kto": KtoConfig}
     fields = {"init_adapter": init_adapter, **({"steps": config.steps} if config.steps else {})}
-    return classes[config.method](**fields)
+    return METHOD_CONFIGS[config.method](**fields)
 
 
 def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, progress: bool, log) -> dict:
@@ -261,20 +260,14 @@ def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool
     import torch
 
     from alignloop.models import load_clip, load_generator
-    from alignloop.trainer.finetune_eval import evaluate_adapter
-    from alignloop.trainer.finetune_job import adapter_active
+    from alignloop.trainer.finetune_job import adapter_active, evaluate_splits
 
     tuned = state.done("finetune")
     method = _method_config(config, "")
     pipe = load_generator(method.generator, device=method.device or None, dtype=torch.float32)
     clip = load_clip(device=method.device or None)
-    parent = {}
     with adapter_active(pipe, tuned["parent"], store):
-        for split_name in ("unseen", "seen"):
-            result = evaluate_adapter(pipe, clip, split_name, per_prompt=4, max_prompts=config.eval_prompts,
-                                      steps=method.sample_steps, guidance=method.guidance, progress=progress)
-            parent[f"{split_name}_pass"] = result["overall"]
-            parent[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
+        parent = evaluate_splits(pipe, clip, method, config.eval_prompts, progress)
     candidate = tuned["candidate_metrics"]
     drop = parent["seen_pass"] - candidate["seen_pass"]
     return {"parent_metrics": parent, "seen_pass": candidate["seen_pass"], "parent_seen_pass": parent["seen_pass"],
