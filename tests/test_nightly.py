@@ -187,3 +187,14 @@ def test_a_candidate_waits_while_another_canary_is_being_decided(tmp_path):
     result = nightly.stage_canary(state, NightlyConfig(), registry, log=lambda *a: None)
     assert result["end"][0] == "published" and "already in canary" in result["end"][1]
     assert current_rollout(registry).arm("B").adapter == first
+
+
+def test_an_unreachable_broker_is_a_one_line_error_and_the_run_can_resume(tmp_path, monkeypatch, capsys):
+    from alignloop.cli import main
+
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path))
+    assert main(["nightly", "--no-progress", "--bootstrap", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "no Kafka broker answers at 127.0.0.1:1" in err and "Traceback" not in err
+    (state,) = nightly._runs(tmp_path / "nightly")
+    assert state.data["stages"] == {} and "outcome" not in state.data  # nothing done, resumed next time

@@ -129,6 +129,12 @@ def _train_reward(args) -> int:
 
 
 def _nightly(args) -> int:
+    from alignloop.feedback.cli import _user_errors
+
+    return _user_errors(_run_nightly)(args)  # an unreachable broker or a second snapshot writer: a message
+
+
+def _run_nightly(args) -> int:
     import sys
 
     from alignloop.cli import config_from_args
