@@ -331,6 +331,31 @@ def reachable(bootstrap: str, timeout_s: float = 0.2) -> bool:
     return False
 
 
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list:
+    """Every record of `topic` from the beginning up to its end offsets now, as kafka-python ConsumerRecords
+    (the tests' and the load tests' count of what really reached the broker)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            raise BrokerError(f"topic {topic} does not exist on {bootstrap}")
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading {topic} timed out after {timeout_s} s")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records += batch
+        return records
+    finally:
+        consumer.close()
+
+
 # Below Linux's ephemeral range (32768-60999): the kernel never hands these to outgoing connections, so a port
 # found free here stays free until the broker binds it (an ephemeral one was seen taken in between).
 _FIXED_PORTS = (20000, 32000)

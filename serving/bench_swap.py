@@ -98,7 +98,7 @@ def _in_process(tmp: Path, swaps: int) -> dict:
     base_unet = copy.deepcopy(pipe.unet)
     identity = base_model_identity(pipe)
     registry = Registry(tmp / "registry")
-    versions = [_publish_random(registry, base_unet, tmp / f"a{i}", seed=i, identity=identity)
+    versions = [publish_random_adapter(registry, base_unet, tmp / f"a{i}", seed=i, identity=identity)
                 for i in range(swaps)]
     batcher = DiffusionBatcher(pipe, max_batch_images=64, wait_ms=0)
     slots = AdapterSlots(pipe, batcher, max_slots=3, max_rank=16)
@@ -133,7 +133,7 @@ def _in_process(tmp: Path, swaps: int) -> dict:
     }
 
 
-def _publish_random(registry, base_unet, folder: Path, seed: int, identity: dict, rank: int = 4) -> str:
+def publish_random_adapter(registry, base_unet, folder: Path, seed: int, identity: dict, rank: int = 4) -> str:
     """A LoRA adapter with random non-zero weights, published as a candidate."""
     import torch
 
@@ -177,7 +177,7 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
     head = _save_head(tmp / "head.safetensors")
     server = _Server(tmp / "home", batching=True, steps=steps, head_path=head)
     registry = Registry(tmp / "home" / "registry")
-    versions = [_publish_random(registry, base_unet, tmp / f"a{i}", seed=1000 + i, identity=identity)
+    versions = [publish_random_adapter(registry, base_unet, tmp / f"a{i}", seed=1000 + i, identity=identity)
                 for i in range(http_swaps + 2)]
     rollout.promote(registry, versions[0], "bench swap", "live before the server starts")
     body = {"n": n, "k": k, "steps": steps, "guidance": 7.5}
@@ -196,9 +196,9 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
                     return
                 rollout.promote(registry, version, "bench swap", "swap under load")
 
-        switches_before = _rollout_switches(server.url)
+        switches_before = rollout_switches(server.url)
         during = _load(server.url, clients, phase_s, prompts, body, during=swapper)
-        during["switches_applied"] = _rollout_switches(server.url) - switches_before
+        during["switches_applied"] = rollout_switches(server.url) - switches_before
     during["promotions"] = http_swaps
     during["adapters_served"] = len(during.pop("adapters"))
     for phase in (one_arm, two_arms):
@@ -206,7 +206,7 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
     return {"one_arm": one_arm, "two_arms": two_arms, "during_swaps": during}
 
 
-def _rollout_switches(url: str) -> int:
+def rollout_switches(url: str) -> int:
     """The worker's routing-table switches so far (alignloop_serving_rollout_switches_total on /metrics)."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families

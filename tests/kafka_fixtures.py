@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from alignloop.feedback import broker
+from alignloop.feedback.broker import read_topic  # noqa: F401 (the tests import it from here)
 from alignloop.feedback.config import Topics
 
 
@@ -52,29 +53,6 @@ def kafka_cluster(tmp_path_factory):
 def _free_block() -> int:
     # Nodes take ports base..base+2 and controllers base+100..base+102.
     return broker.free_port(offsets=(0, 1, 2, 100, 101, 102))
-
-
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list:
-    """Every record of `topic` from the beginning up to its end offsets now, as kafka-python ConsumerRecords."""
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        records = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            assert time.monotonic() < deadline, f"reading {topic} timed out"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records += batch
-        return records
-    finally:
-        consumer.close()
 
 
 def sample_generation(store, request_id: str, k: int = 2):

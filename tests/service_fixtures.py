@@ -13,10 +13,7 @@ Tests ask for few steps (the server's default here is 3) to stay quick on a 2-co
 """
 
 import os
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from alignloop.feedback import broker
 from alignloop.feedback.config import Topics
+from alignloop.serving import local
 
 STARTUP_TIMEOUT_S = float(os.environ.get("ALIGNLOOP_TEST_SERVE_TIMEOUT_S", 600))
 
@@ -55,48 +52,18 @@ class Served:
 def start_server(home: Path, bootstrap: str, topics_prefix: str, extra_env: dict | None = None,
                  port: int | None = None) -> tuple[subprocess.Popen, str, Path]:
     """`alignloop serve` in its own process group; returns (process, url, log path) once /readyz says 200."""
-    port = port or broker.free_port()
-    env = {
-        **os.environ,
-        "ALIGNLOOP_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "BENTOML_DO_NOT_TRACK": "True",
+    server = local.start_server(home, {
         "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": bootstrap,
         "ALIGNLOOP_SERVE_TOPIC_PREFIX": topics_prefix,
         "ALIGNLOOP_SERVE_DEFAULT_STEPS": "3",
-        "ALIGNLOOP_SERVE_GENERATE_PER_MIN": "0",
-        "ALIGNLOOP_SERVE_FEEDBACK_PER_MIN": "0",
+        **local.NO_RATE_LIMITS,
         **(extra_env or {}),
-    }
-    log_path = home / "serve.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", "--port", str(port)], env=env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"alignloop serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                return process, url, log_path
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(process)
-            raise RuntimeError(f"alignloop serve not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
+    }, port=port, timeout_s=STARTUP_TIMEOUT_S)
+    return server.process, server.url, server.log_path
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)  # its own session: the arbiter and its workers, nothing else
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    local.stop_process_group(process)
 
 
 @pytest.fixture(scope="session")
