@@ -53,6 +53,8 @@ MAX_RETRY_WAIT_S = 30.0
 _latencies_ms = defaultdict(list)  # endpoint -> response times of the requests that succeeded
 _kinds = Counter()  # (endpoint, kind) -> count, for every request that did not succeed
 _votes = Counter()  # "accepted" / "duplicate" answers of /feedback
+_spans = {}  # endpoint -> [first request's start, last request's end] (epoch seconds), for its rate
+_adapters = Counter()  # adapter version that drew each successful /generate ("base" = none)
 _started = time.time()
 
 
@@ -67,6 +69,9 @@ def _loopback_only(environment, **_):
 
 @events.request.add_listener
 def _count(name, response_time, exception, **_):
+    now = time.time()
+    span = _spans.setdefault(name, [now - response_time / 1000, now])
+    span[1] = now
     if exception is None:
         _latencies_ms[name].append(response_time)
     else:
@@ -85,13 +90,13 @@ def _write_report(environment, **_):
         failed = sum(count for (n, _), count in _kinds.items() if n == name)
         endpoints[name] = {
             "requests": int(ok.size + failed), "succeeded": int(ok.size), "failed": failed,
-            "rps": round((ok.size + failed) / wall, 3),
+            "rps": round((ok.size + failed) / max(_spans[name][1] - _spans[name][0], 1e-3), 3),
             **{f"p{q}_ms": round(float(np.percentile(ok, q)), 1) if ok.size else None for q in (50, 95, 99)},
             "max_ms": round(float(ok.max()), 1) if ok.size else None,
         }
     report = {"wall_s": round(wall, 1), "endpoints": endpoints,
               "errors": [{"endpoint": n, "kind": k, "count": c} for (n, k), c in _kinds.most_common()],
-              "votes": dict(_votes)}
+              "votes": dict(_votes), "adapters": dict(_adapters)}
     with open(REPORT, "w") as f:
         json.dump(report, f, indent=1)
 
@@ -133,6 +138,7 @@ class _ServiceUser(HttpUser):
         def check(result):
             if [image["rank"] for image in result["images"]] != list(range(1, k + 1)):
                 return "images are not ranked 1..k"
+            _adapters[result["adapter"]] += 1
             return None
 
         return self.post("/generate", {"prompt": prompt, "n": n, "k": k, "steps": steps}, name, 200, check)
@@ -183,6 +189,8 @@ class FeedbackBurstUser(_ServiceUser):
     @task
     def vote_back_to_back(self):
         if not self.tokens:
+            if self.environment.runner.user_count <= 1:  # the last one done: the burst is over, quit before -t
+                gevent.spawn_later(0.1, self.environment.runner.quit)
             raise StopUser()
         token, vote = self.tokens.pop(), self.rng.choice(("up", "down"))
         self.vote(token, vote)
