@@ -16,6 +16,7 @@ trained model takes. Prints one JSON object on its last line.
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,17 +50,23 @@ def main(args) -> int:
         say("[2/3] HTTP, cross-request batching on: sequential latency, then "
             f"{clients} clients x {per_client} requests")
         head_path = _save_head(Path(tmp) / "bench-head.safetensors")
-        with _Server(Path(tmp) / "on", batching=True, steps=steps, head_path=head_path) as server:
+        with _Server(Path(tmp) / "on", batching=True, steps=steps, head_path=head_path,
+                     name="serving-batching_on") as server:
             http_seq = _sequential(server.url, prompts, requests_per_side, steps, guidance)
             before = _pass_stats(server.url)
             on = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
             on["passes"] = _pass_delta(before, _pass_stats(server.url))
+        if on["error_count"]:
+            on["server_log"] = server.keep_log()  # the temporary folder, and the log in it, go away below
         # 3. HTTP without it
         say(f"[3/3] HTTP, cross-request batching off: {clients} clients x {per_client} requests")
-        with _Server(Path(tmp) / "off", batching=False, steps=steps, head_path=head_path) as server:
+        with _Server(Path(tmp) / "off", batching=False, steps=steps, head_path=head_path,
+                     name="serving-batching_off") as server:
             before = _pass_stats(server.url)
             off = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
             off["passes"] = _pass_delta(before, _pass_stats(server.url))
+        if off["error_count"]:
+            off["server_log"] = server.keep_log()
 
     p50_http = statistics.median(r["latency_s"] for r in http_seq)
     p50_inproc = statistics.median(inproc["latencies_s"])
@@ -195,13 +202,18 @@ def _pass_delta(before: dict, after: dict) -> dict:
 
 
 class _Server:
-    """`alignloop serve` on a free loopback port, in its own process group, for the benchmark."""
+    """`alignloop serve` on a free loopback port, in its own process group, for the benchmark.
 
-    def __init__(self, home: Path, batching: bool, steps: int, head_path: Path):
+    Its log lives in `home`, usually a temporary folder: `keep_log()` copies it out (a side with failed requests
+    calls it; a failed start or an exception inside the `with` block does it by itself)."""
+
+    def __init__(self, home: Path, batching: bool, steps: int, head_path: Path, name: str = "server"):
         self.home = home
         self.head_path = head_path  # published live in the server's registry, so that it ranks with a head
         self.batching = batching
         self.steps = steps
+        self.name = name  # "<bench>-<side>": what a kept log is called
+        self.kept_log = None  # where keep_log() copied the log to
 
     def __enter__(self):
         import requests
@@ -227,7 +239,9 @@ class _Server:
         deadline = time.monotonic() + 900
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {(self.home / 'serve.log').read_text()[-3000:]}")
+                self.log.close()
+                raise RuntimeError(f"server exited (log kept at {self.keep_log()}): "
+                                   f"{(self.home / 'serve.log').read_text()[-3000:]}")
             try:
                 if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
                     return self
@@ -235,7 +249,7 @@ class _Server:
                 pass
             if time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError("server not ready after 900 s")
+                raise RuntimeError(f"server not ready after 900 s (log kept at {self.keep_log()})")
             time.sleep(1)
 
     def __exit__(self, *exc):
@@ -249,6 +263,24 @@ class _Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+        if exc and exc[0] is not None:  # the benchmark fails: its temporary folder, and this log, are about to go
+            self.keep_log()
+
+    def keep_log(self) -> str:
+        """Copy the server's log to $ALIGNLOOP_HOME/bench/logs/<name>-<UTC timestamp>.log (once), say where on
+        stderr, and return that path: a failed request's traceback is only in this log."""
+        if self.kept_log is None:
+            from datetime import datetime, timezone
+
+            from alignloop.settings import home
+
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            target = home() / "bench" / "logs" / f"{self.name}-{stamp}.log"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.home / "serve.log", target)
+            self.kept_log = str(target)
+            print(f"bench: server log of {self.name} kept at {target}", file=sys.stderr, flush=True)
+        return self.kept_log
 
 
 def _head(clip):

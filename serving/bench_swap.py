@@ -63,6 +63,7 @@ def main(args) -> int:
         "swaps_means": "in-process swaps + the routing-table switches the HTTP worker made while swapped under load "
                        "(promotions it found while every slot served adapters still queued are skipped to the newest)",
         "failed_requests": sum(http[p]["failed"] for p in ("one_arm", "two_arms", "during_swaps")),
+        "server_log": http.get("server_log"),  # kept only when a request failed: its traceback is in there
         "validation_s": in_process["validation_s"],
         "switch_s": in_process["switch_s"],
         "p99_latency_s": {"during_swaps": p99_with, "without_swaps": p99_without},
@@ -175,7 +176,7 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
     identity = base_model_identity("shapes-sd-tiny")
     prompts = _prompts(64)
     head = _save_head(tmp / "head.safetensors")
-    server = _Server(tmp / "home", batching=True, steps=steps, head_path=head)
+    server = _Server(tmp / "home", batching=True, steps=steps, head_path=head, name="swap-http")
     registry = Registry(tmp / "home" / "registry")
     versions = [publish_random_adapter(registry, base_unet, tmp / f"a{i}", seed=1000 + i, identity=identity)
                 for i in range(http_swaps + 2)]
@@ -203,7 +204,10 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
     during["adapters_served"] = len(during.pop("adapters"))
     for phase in (one_arm, two_arms):
         phase["adapters_served"] = sorted(phase.pop("adapters"))
-    return {"one_arm": one_arm, "two_arms": two_arms, "during_swaps": during}
+    result = {"one_arm": one_arm, "two_arms": two_arms, "during_swaps": during}
+    if any(phase["failed"] for phase in (one_arm, two_arms, during)):
+        result["server_log"] = server.keep_log()  # before the temporary folder, and the log in it, go away
+    return result
 
 
 def rollout_switches(url: str) -> int:
