@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -202,67 +201,40 @@ def _pass_delta(before: dict, after: dict) -> dict:
 
 
 class _Server:
-    """`alignloop serve` on a free loopback port, in its own process group, for the benchmark.
-
-    Its log lives in `home`, usually a temporary folder: `keep_log()` copies it out (a side with failed requests
-    calls it; a failed start or an exception inside the `with` block does it by itself)."""
+    """`alignloop serve` for one benchmark side (serving/local.py), ranking with the head at `head_path`, published live
+    in its registry. Its log lives in `home`, usually a temporary folder: `keep_log()` copies it out (a side with
+    failed requests calls it; a failed start or an exception inside the `with` block does it by itself)."""
 
     def __init__(self, home: Path, batching: bool, steps: int, head_path: Path, name: str = "server"):
         self.home = home
-        self.head_path = head_path  # published live in the server's registry, so that it ranks with a head
+        self.head_path = head_path
         self.batching = batching
         self.steps = steps
         self.name = name  # "<bench>-<side>": what a kept log is called
         self.kept_log = None  # where keep_log() copied the log to
+        self.server = None
 
     def __enter__(self):
-        import requests
-
         from alignloop.feedback import broker
         from alignloop.registry import Registry
+        from alignloop.serving.local import NO_RATE_LIMITS, ServerError, start_server
 
         self.home.mkdir(parents=True, exist_ok=True)
         Registry(self.home / "registry").publish(
             "reward", {"head.safetensors": self.head_path}, state="live", who="bench serving",
             why="time scoring with a head of Lee et al.'s shape (random weights)")
-        port = broker.free_port()
-        env = {**os.environ, "ALIGNLOOP_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
-               "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
-               "ALIGNLOOP_SERVE_CROSS_REQUEST_BATCHING": "1" if self.batching else "0",
-               "ALIGNLOOP_SERVE_DEFAULT_STEPS": str(self.steps),
-               # Every client is 127.0.0.1, one identity to the rate limiter: the benchmarks measure without limits.
-               "ALIGNLOOP_SERVE_GENERATE_PER_MIN": "0", "ALIGNLOOP_SERVE_FEEDBACK_PER_MIN": "0"}
-        self.log = open(self.home / "serve.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", "--port", str(port)], env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while True:
-            if self.process.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"server exited (log kept at {self.keep_log()}): "
-                                   f"{(self.home / 'serve.log').read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"server not ready after 900 s (log kept at {self.keep_log()})")
-            time.sleep(1)
+        try:
+            self.server = start_server(self.home, {
+                "ALIGNLOOP_SERVE_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker.free_port()}",  # nobody there: spool
+                "ALIGNLOOP_SERVE_CROSS_REQUEST_BATCHING": "1" if self.batching else "0",
+                "ALIGNLOOP_SERVE_DEFAULT_STEPS": str(self.steps), **NO_RATE_LIMITS}, timeout_s=900)
+        except ServerError as err:
+            raise ServerError(f"{err}\n(log kept at {self.keep_log()})") from None
+        self.url = self.server.url
+        return self
 
     def __exit__(self, *exc):
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
+        self.server.stop()
         if exc and exc[0] is not None:  # the benchmark fails: its temporary folder, and this log, are about to go
             self.keep_log()
 

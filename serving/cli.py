@@ -84,11 +84,20 @@ def _serve(args) -> int:
         resolve_generator(config.generator)
     except ModelNotFoundError as err:
         raise UserFacingError(str(err)) from None
-    env = {**os.environ, **config.to_env()}
+    env = {**os.environ, **config.to_env(), "BENTOML_HOME": str(_bentoml_home(args.host, args.port))}
     command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(args.port), "--host", args.host]
     print(f"alignloop: serving on http://{args.host}:{args.port}/ui ({config.workers} worker(s), "
           f"generator {config.generator}, clip {config.clip})", file=sys.stderr, flush=True)
     os.execvpe(command[0], command, env)
+
+
+def _bentoml_home(host: str, port: int):
+    """A BentoML home of this server's own. BentoML keeps its Prometheus multiprocess folder there and empties it at
+    every start: with the shared ~/bentoml, each `bentoml serve` started on the machine wiped the metric files of the
+    servers already running, whose /metrics then lost every count (seen as a swap test reading 0 switches)."""
+    from alignloop.settings import home
+
+    return home() / "serving" / "bentoml" / f"{host}-{port}"
 
 
 def _bench_swap(args) -> int:

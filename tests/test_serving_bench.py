@@ -1,4 +1,4 @@
-"""The serving benchmarks keep a failed side's server log (no server started: `_Server` around a fake process)."""
+"""The serving benchmarks keep a failed side's server log (no server started: `_Server` around an exited process)."""
 
 import subprocess
 import sys
@@ -6,15 +6,16 @@ import sys
 import pytest
 
 from alignloop.serving.bench import _Server
+from alignloop.serving.local import LocalServer
 
 
 def _stopped_server(tmp_path, name):
     server = _Server(tmp_path / "tmp-side", batching=False, steps=2, head_path=tmp_path / "head", name=name)
     server.home.mkdir()
     (server.home / "serve.log").write_text("Traceback (most recent call last):\n  generate failed\n")
-    server.log = open(server.home / "serve.log", "ab")
-    server.process = subprocess.Popen([sys.executable, "-c", "pass"])
-    server.process.wait()
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    server.server = LocalServer("http://127.0.0.1:1", process, server.home / "serve.log")
     return server
 
 

@@ -323,3 +323,26 @@ def test_metrics_and_logs(generation, served):
     log = served.log_text()
     assert generation[1]["request_id"] in log  # structured lines carry request ids
     assert USER not in log and "Traceback" not in log
+
+
+def test_starting_another_server_leaves_this_ones_metrics_alone(served, tmp_path, kafka_broker):
+    """BentoML empties its Prometheus multiprocess folder at every start; with one shared ~/bentoml a second server
+    wiped the first's metric files and its /metrics lost every count. Each server has its own folder now."""
+    import psutil
+    from service_fixtures import start_server, stop_server
+
+    def pass_images(url_text):
+        return sum(float(line.split()[-1]) for line in url_text.splitlines()
+                   if line.startswith("alignloop_serving_pass_images_count"))
+
+    assert served.post("/generate", {"prompt": PROMPT, "n": 2, "k": 1, "steps": 2}).status_code == 200
+    before = pass_images(served.get("/metrics").text)
+    assert before >= 1
+    workers = psutil.Process(served.process.pid).children(recursive=True)
+    assert all(w.environ().get("PROMETHEUS_MULTIPROC_DIR", "").startswith(str(served.home)) for w in workers), \
+        [w.environ().get("PROMETHEUS_MULTIPROC_DIR") for w in workers]
+    process, _, _ = start_server(tmp_path / "second", kafka_broker.bootstrap, "second.")
+    try:
+        assert pass_images(served.get("/metrics").text) >= before
+    finally:
+        stop_server(process)
