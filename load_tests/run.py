@@ -6,6 +6,7 @@ simulated users from load_tests/locustfile.py run headless, and one JSON report 
     python load_tests/run.py swap --out /tmp/load/swap        # the mix while the live adapter is promoted every 20 s
     python load_tests/run.py overload --out /tmp/load/over    # the mix with 4x the users the machine holds
     python load_tests/run.py soak --out /tmp/load/soak        # the mix for 30 minutes: memory growth per hour
+    python load_tests/run.py cold-start --out /tmp/load/cold  # 10 fresh servers, each hit by 8 clients at once
 
 `--users`, `--seconds`, `--steps` and the mix's knobs override a scenario's defaults. Each simulated user has its own
 identity (the service is started trusting the X-Load-User header, as behind an authenticating proxy), so the
@@ -47,6 +48,7 @@ class Scenario:
     serve_env: dict = field(default_factory=dict)  # ALIGNLOOP_SERVE_* for the service
     promote_every_s: float = 0.0  # > 0: promote a fresh adapter this often while the users run
     shed_ok: bool = False  # load shed with Retry-After (429/503) is the expected answer, not a failure
+    cold_starts: int = 0  # > 0: no locust; this many fresh servers, each hit by `users` clients the moment it is ready
 
 
 SCENARIOS = {
@@ -59,6 +61,11 @@ SCENARIOS = {
     "overload": Scenario("beyond capacity: 4x the mix's users", users=16, seconds=180, shed_ok=True,
                          serve_env={"ALIGNLOOP_SERVE_MAX_QUEUED_IMAGES": "64"}),
     "soak": Scenario("the mix for 30 minutes: memory growth per hour", seconds=1800),
+    # The shape of the one HTTP 500 `bench serving` once returned (issue 14): a fresh server, batching off, a learned
+    # head live, Kafka unreachable (events spool), 8 clients sending n=16 the moment /readyz answers. It happened once
+    # per fresh server, not once per request, so this starts many servers.
+    "cold-start": Scenario("fresh servers (batching off, Kafka unreachable) hit by 8 clients x 3 requests at once",
+                           users=8, cold_starts=10),
 }
 SAMPLE_EVERY_S = 5.0
 WARMUP_S = 120.0  # memory growth is fitted after this (models loading, allocator pools filling)
@@ -80,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--think", default="1-4", help="seconds a user looks before voting, MIN-MAX (default 1-4)")
     parser.add_argument("--burst-tokens", type=int, default=32, help="burst: tokens each user votes on (default 32)")
     parser.add_argument("--promote-every-s", type=float, help="swap: seconds between promotions (default 20)")
+    parser.add_argument("--starts", type=int, help="cold-start: fresh servers to start (default 10)")
     parser.add_argument("--no-batching", action="store_true", help="serve without cross-request batching")
     parser.add_argument("--bootstrap", help="use this running Kafka instead of starting one (topics get a fresh "
                                             "prefix either way)")
@@ -99,7 +107,11 @@ def main(argv=None) -> int:
     settings = {"scenario": args.scenario, "about": scenario.about, "users": users, "seconds": seconds,
                 "knobs": knobs, "cross_request_batching": not args.no_batching, "serve_env": scenario.serve_env,
                 "promote_every_s": scenario.promote_every_s}
-    report = run(scenario, args.out, users, seconds, knobs, args.no_batching, args.bootstrap, settings)
+    if scenario.cold_starts:
+        settings.update(starts=args.starts or scenario.cold_starts, n=n_max, k=min(args.k_max, n_max))
+        report = run_cold_starts(args.out, settings["starts"], users, args.steps, n_max, settings["k"], settings)
+    else:
+        report = run(scenario, args.out, users, seconds, knobs, args.no_batching, args.bootstrap, settings)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({"passed": report["passed"], "checks": report["checks"], "report": str(args.out / "report.json")}))
     return 0 if report["passed"] else 1
@@ -178,6 +190,56 @@ def run(scenario: Scenario, out: Path, users: int, seconds: int, knobs: dict, no
         report["swaps"] = {"promotions": promoter.promoted, "worker_switches": switches, "errors": promoter.errors,
                            "requests_by_adapter": locust["report"].get("adapters", {})}
     return report
+
+
+def run_cold_starts(out: Path, starts: int, clients: int, steps: int, n: int, k: int, settings: dict) -> dict:
+    """`starts` fresh servers in turn (the bench's: batching off, a learned head live, Kafka unreachable); the moment
+    each is ready, `clients` threads send 3 requests each at once. Any answer but 200 fails; the report names that
+    server's log."""
+    import requests
+
+    from alignloop.machine import describe_machine
+    from alignloop.serving.bench import BenchServer, bench_prompts, save_bench_head
+
+    head = save_bench_head(out / "head.safetensors")
+    prompts = bench_prompts(64)
+    failures, latencies, failed_logs = [], [], []
+    for start in range(starts):
+        with BenchServer(out / f"cold-{start}", batching=False, steps=steps, head_path=head,
+                         name=f"cold-start-{start}") as server:
+            barrier = threading.Barrier(clients)
+
+            def client(c: int) -> None:
+                barrier.wait()
+                for j in range(3):
+                    body = {"prompt": prompts[(start * clients + c * 3 + j) % len(prompts)], "n": n, "k": k,
+                            "steps": steps, "user_id": f"cold-{c}"}
+                    began = time.perf_counter()
+                    try:
+                        response = requests.post(server.url + "/generate", json=body, timeout=600)
+                    except requests.RequestException as err:
+                        failures.append({"start": start, "kind": f"connection: {type(err).__name__}"})
+                        continue
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - began)
+                    else:
+                        failures.append({"start": start, "kind": f"status {response.status_code}",
+                                         "body": response.text[:300]})
+
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if any(f["start"] == start for f in failures):
+            failed_logs.append(str(server.server.log_path))  # under --out: it stays
+    checks = {"no_failed_request": not failures, "every_request_answered": len(latencies) + len(failures) ==
+              starts * clients * 3}
+    return {"passed": all(checks.values()), "checks": checks, "failures": failures, "settings": settings,
+            "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "requests": starts * clients * 3, "succeeded": len(latencies),
+            "p50_s": round(float(np.median(latencies)), 3) if latencies else None,
+            "p99_s": round(float(np.percentile(latencies, 99)), 3) if latencies else None, "failed_servers_logs": failed_logs}
 
 
 def _run_locust(user_class: str, url: str, users: int, seconds: int, knobs: dict, out: Path) -> dict:

@@ -36,7 +36,7 @@ def main(args) -> int:
     clients = args.clients
     per_client = 1 if args.quick else 3
     guidance = 7.5
-    prompts = _prompts(64)
+    prompts = bench_prompts(64)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_before = os.getloadavg()
 
@@ -48,8 +48,8 @@ def main(args) -> int:
         # 2. HTTP with cross-request batching
         say("[2/3] HTTP, cross-request batching on: sequential latency, then "
             f"{clients} clients x {per_client} requests")
-        head_path = _save_head(Path(tmp) / "bench-head.safetensors")
-        with _Server(Path(tmp) / "on", batching=True, steps=steps, head_path=head_path,
+        head_path = save_bench_head(Path(tmp) / "bench-head.safetensors")
+        with BenchServer(Path(tmp) / "on", batching=True, steps=steps, head_path=head_path,
                      name="serving-batching_on") as server:
             http_seq = _sequential(server.url, prompts, requests_per_side, steps, guidance)
             before = _pass_stats(server.url)
@@ -59,7 +59,7 @@ def main(args) -> int:
             on["server_log"] = server.keep_log()  # the temporary folder, and the log in it, go away below
         # 3. HTTP without it
         say(f"[3/3] HTTP, cross-request batching off: {clients} clients x {per_client} requests")
-        with _Server(Path(tmp) / "off", batching=False, steps=steps, head_path=head_path,
+        with BenchServer(Path(tmp) / "off", batching=False, steps=steps, head_path=head_path,
                      name="serving-batching_off") as server:
             before = _pass_stats(server.url)
             off = _concurrent(server.url, prompts, clients, per_client, steps, guidance)
@@ -200,7 +200,7 @@ def _pass_delta(before: dict, after: dict) -> dict:
                                        / max(d["alignloop_serving_pass_images_sum"], 1), 4)}
 
 
-class _Server:
+class BenchServer:
     """`alignloop serve` for one benchmark side (serving/local.py), ranking with the head at `head_path`, published live
     in its registry. Its log lives in `home`, usually a temporary folder: `keep_log()` copies it out (a side with
     failed requests calls it; a failed start or an exception inside the `with` block does it by itself)."""
@@ -264,7 +264,7 @@ def _head(clip):
     return RewardHead(clip.embed_dim, HEAD_HIDDEN)
 
 
-def _save_head(path: Path) -> Path:
+def save_bench_head(path: Path) -> Path:
     """The benchmark's head, saved with the bundled CLIP's hash (what a worker checks before using it)."""
     from alignloop.models import load_clip
     from alignloop.rewards import clip_hash, save_head
@@ -273,7 +273,7 @@ def _save_head(path: Path) -> Path:
     return save_head(_head(clip), path, {"clip_hash": clip_hash(clip)})
 
 
-def _prompts(count: int) -> list:
+def bench_prompts(count: int) -> list:
     """Shapes-world prompts, fixed by a seed so every side of the comparison draws the same ones."""
     import random
 

@@ -169,14 +169,14 @@ def _http(tmp: Path, clients: int, phase_s: float, http_swaps: int, steps: int, 
     from alignloop.adapters import base_model_identity
     from alignloop.models import load_generator
     from alignloop.registry import Registry
-    from alignloop.serving.bench import _prompts, _save_head, _Server
+    from alignloop.serving.bench import BenchServer, bench_prompts, save_bench_head
 
     tmp.mkdir(parents=True)
     base_unet = load_generator(device="cpu").unet
     identity = base_model_identity("shapes-sd-tiny")
-    prompts = _prompts(64)
-    head = _save_head(tmp / "head.safetensors")
-    server = _Server(tmp / "home", batching=True, steps=steps, head_path=head, name="swap-http")
+    prompts = bench_prompts(64)
+    head = save_bench_head(tmp / "head.safetensors")
+    server = BenchServer(tmp / "home", batching=True, steps=steps, head_path=head, name="swap-http")
     registry = Registry(tmp / "home" / "registry")
     versions = [publish_random_adapter(registry, base_unet, tmp / f"a{i}", seed=1000 + i, identity=identity)
                 for i in range(http_swaps + 2)]

@@ -1,16 +1,16 @@
-"""The serving benchmarks keep a failed side's server log (no server started: `_Server` around an exited process)."""
+"""The serving benchmarks keep a failed side's server log (no server started: `BenchServer` around an exited process)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from alignloop.serving.bench import _Server
+from alignloop.serving.bench import BenchServer
 from alignloop.serving.local import LocalServer
 
 
 def _stopped_server(tmp_path, name):
-    server = _Server(tmp_path / "tmp-side", batching=False, steps=2, head_path=tmp_path / "head", name=name)
+    server = BenchServer(tmp_path / "tmp-side", batching=False, steps=2, head_path=tmp_path / "head", name=name)
     server.home.mkdir()
     (server.home / "serve.log").write_text("Traceback (most recent call last):\n  generate failed\n")
     process = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -59,3 +59,16 @@ def test_a_feedback_burst_loses_no_vote(kafka_broker, tmp_path):
     run, report, _ = _run(kafka_broker, tmp_path, "burst", "--users", "8", "--seconds", "60", "--burst-tokens", "16")
     assert run.returncode == 0 and report["passed"], (report["checks"], report["errors"])
     assert report["votes"]["accepted"] == 8 * 16 == report["votes"]["feedback_rows"]
+
+
+def test_fresh_servers_hit_at_once_answer_every_request(tmp_path):
+    """The shape of bench serving's one unexplained 500: fresh servers, batching off, Kafka unreachable, a learned
+    head live, concurrent clients the moment /readyz answers."""
+    if not Path(sys.executable).with_name("locust").exists():
+        pytest.skip("locust is not installed (dev extra)")
+    out = tmp_path / "cold"
+    run = subprocess.run([sys.executable, str(RUN), "cold-start", "--out", str(out), "--starts", "2", "--users", "4",
+                          "--steps", "2"], capture_output=True, text=True, timeout=900)
+    report = json.loads((out / "report.json").read_text())
+    assert run.returncode == 0 and report["passed"], (report["checks"], report["failures"])
+    assert report["succeeded"] == 2 * 4 * 3
