@@ -183,7 +183,7 @@ def _train_lora(args) -> int:
                                     publish=not args.no_publish, reward_version=args.reward_version,
                                     eval_prompts=args.eval_prompts, progress=not args.no_progress,
                                     log=(lambda *a: None) if args.json else print)
-    if args.json:
+    if args.json and report is not None:  # None: a torchrun rank > 0, whose rank 0 reports
         print(json.dumps(report))
     return 0
 
