@@ -120,3 +120,43 @@ def test_a_world_the_run_cannot_split_over_is_refused(monkeypatch, tmp_path, con
     with pytest.raises(UserFacingError, match=message):
         LoraRun(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_nightly_finetune_stage_on_several_processes_launches_train_under_torchrun(tmp_path, monkeypatch):
+    """The stage hands its method config to `alignloop train` as flags and reads the run's report back."""
+    from alignloop.cli import build_parser, config_from_args
+    from alignloop.errors import UserFacingError
+    from alignloop.registry import Registry
+    from alignloop.trainer import nightly
+    from alignloop.trainer.config import KtoConfig, NightlyConfig
+
+    launched = []
+
+    def fake_run(command):
+        launched.append(command)
+        (tmp_path / "run" / "finetune").mkdir(parents=True)
+        report = {"adapter": "A", "metrics": {"seen_pass": 0.5}, "data": {"votes": 8}}
+        (tmp_path / "run" / "finetune" / "report.json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(nightly.subprocess, "run", fake_run)
+    monkeypatch.setattr(nightly, "_method_config", lambda config, init: KtoConfig(steps=2, batch_size=4, lr=3e-4,
+                                                                                  init_adapter=init))
+    state = nightly.RunState(tmp_path / "run", {"stages": {"snapshot": {"folder": str(tmp_path / "snap")}}})
+    config = NightlyConfig(method="kto", nproc_per_node=2, eval_prompts=3)
+    result = nightly.stage_finetune(state, config, Registry(tmp_path / "registry"), None, False, print)
+    assert result["adapter"] == "A" and result["candidate_metrics"] == {"seen_pass": 0.5} and result["parent"] == "base"
+
+    (command,) = launched
+    alignloop_args = command[command.index("alignloop") + 1:]
+    assert command[:command.index("alignloop") + 1] == distributed.torchrun_command(2, [])
+    args = build_parser().parse_args(alignloop_args)
+    assert (args.train_command, args.no_publish, args.eval_prompts) == ("kto", True, 3)
+    assert config_from_args(KtoConfig, args) == KtoConfig(steps=2, batch_size=4, lr=3e-4)
+    assert args.out == tmp_path / "run" / "finetune"
+
+    with pytest.raises(UserFacingError, match="batch_size 4 does not split into 3"):  # before anything starts
+        nightly.stage_finetune(state, NightlyConfig(method="kto", nproc_per_node=3), Registry(tmp_path / "registry"),
+                               None, False, print)
+    with pytest.raises(ValueError, match="nproc_per_node must be 1 for method ppo"):
+        NightlyConfig(method="ppo", nproc_per_node=2)

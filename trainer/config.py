@@ -194,9 +194,19 @@ class NightlyConfig:
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
     min_new_votes: int = 1  # fewer new votes than this since the last finished run: nothing to do
     max_drop: float = 0.0  # open no canary when the candidate's seen pass rate is below its parent's by more
+    # Processes (one per GPU) the finetune stage trains with: > 1 launches `alignloop train METHOD` under torchrun
+    nproc_per_node: int = dataclasses.field(default=1, metadata={"help": (
+        "processes the finetune stage trains with, one per GPU: above 1 it runs `alignloop train METHOD` under "
+        "torchrun (data-parallel, the same adapter as one process); the method's batch sizes must divide by it")})
+
     def __post_init__(self):
         if self.method not in METHOD_CONFIGS:
             raise ValueError(f"method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}")
+        if not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
+            raise ValueError(f"nproc_per_node must be an integer >= 1, got {self.nproc_per_node!r}")
+        if self.nproc_per_node > 1 and not METHOD_CONFIGS[self.method].data_parallel:
+            raise ValueError(f"nproc_per_node must be 1 for method {self.method}, which does not run data-parallel; "
+                             f"got {self.nproc_per_node}")
         checks = [("steps", isinstance(self.steps, int) and self.steps >= 0, "an integer >= 0"),
                   ("canary_share", 0 < self.canary_share < 1, "in (0, 1)"),
                   ("eval_prompts", isinstance(self.eval_prompts, int) and self.eval_prompts >= 1, "an integer >= 1"),
