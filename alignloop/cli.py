@@ -32,13 +32,29 @@ def add_config_args(parser: argparse.ArgumentParser, config) -> None:
     for field in dataclasses.fields(config):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(config, field.name)
+        what = field.metadata.get("help", "")  # a field's own help text, where it has one: "... (default 1)"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{what} (default {default})".strip())
         elif isinstance(default, tuple):
             parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
-                                help=f"(default {' '.join(map(str, default))})")
+                                help=f"{what} (default {' '.join(map(str, default))})".strip())
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
+            parser.add_argument(flag, type=type(default), default=default, help=f"{what} (default {default})".strip())
+
+
+def config_to_args(config) -> list:
+    """The flags of `add_config_args` that give back `config` (to hand a config to another `alignloop` process)."""
+    args = []
+    for field in dataclasses.fields(config):
+        flag, value = "--" + field.name.replace("_", "-"), getattr(config, field.name)
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]  # str(float) round-trips exactly
+    return args
 
 
 def config_from_args(config_class, args):

@@ -19,7 +19,7 @@ if "ALIGNLOOP_HOME" not in os.environ:
     os.environ["ALIGNLOOP_HOME"] = tempfile.mkdtemp(prefix="alignloop-test-home-")
     atexit.register(shutil.rmtree, os.environ["ALIGNLOOP_HOME"], ignore_errors=True)
 
-pytest_plugins = ["kafka_fixtures", "service_fixtures"]
+pytest_plugins = ["kafka_fixtures", "service_fixtures", "finetune_fixtures"]
 
 
 @pytest.fixture

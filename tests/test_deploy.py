@@ -272,9 +272,10 @@ def test_every_command_a_manifest_runs_parses():
 def test_every_command_the_nightly_script_runs_parses():
     commands = _script_commands(NIGHTLY.read_text())
     assert [c[0] for c in commands] == ["nightly"]
+    values = {"${NIGHTLY_CANARY_SHARE:-0.1}": "0.1", "${NIGHTLY_NPROC_PER_NODE:-1}": "1"}
+    assert set(values) <= set(commands[0])
     for method in ("rwr", "ppo", "refl", "kto"):
-        _parses([method if a == "${NIGHTLY_METHOD:-refl}" else "0.1" if a.startswith("${NIGHTLY_CANARY_SHARE") else a
-                 for a in commands[0]])
+        _parses([method if a == "${NIGHTLY_METHOD:-refl}" else values.get(a, a) for a in commands[0]])
 
 
 def test_the_cron_entry_runs_the_nightly_script():
@@ -293,10 +294,15 @@ def test_the_nightly_job_never_overlaps_and_keeps_its_state():
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in job["jobTemplate"]["spec"]["template"]["spec"]["volumes"]}
     assert "persistentVolumeClaim" in volumes[mounts[env["ALIGNLOOP_HOME"]]]  # resumable across nights
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the trainers are single-process
-    from alignloop.trainer.config import NightlyConfig
+    # One fine-tuning process per GPU (torchrun), and the requested GPUs are the ones it may use
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(env["NIGHTLY_NPROC_PER_NODE"]) == gpus == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert "--nproc-per-node" in _script_commands(NIGHTLY.read_text())[0]
+    from alignloop.trainer.config import METHOD_CONFIGS, NightlyConfig
+    from alignloop.trainer.finetune import check_world_size
 
-    NightlyConfig(method=env["NIGHTLY_METHOD"], canary_share=float(env["NIGHTLY_CANARY_SHARE"]))
+    NightlyConfig(method=env["NIGHTLY_METHOD"], canary_share=float(env["NIGHTLY_CANARY_SHARE"]), nproc_per_node=gpus)
+    check_world_size(METHOD_CONFIGS[env["NIGHTLY_METHOD"]](), gpus)  # its default batches split over the GPUs
 
 
 # -- the image ----------------------------------------------------------------------------------------------------

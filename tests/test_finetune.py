@@ -14,15 +14,9 @@ from alignloop.trainer.kto import kto_loss, train_kto
 from alignloop.trainer.ppo import PerPromptTracker, clipped_surrogate
 from alignloop.trainer.rwr import sample_weights, train_rwr
 from alignloop.world.grammar import parse_prompt, split
+from finetune_fixtures import SMALL_RUN, voted_snapshot
 
 TINY = dict(batch_size=8, pretrain_batch_size=8, checkpoint_every=5)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    from alignloop.models import load_generator
-
-    return load_generator(device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -215,47 +209,11 @@ def test_ppo_refuses_a_sampler_without_noise(tmp_path):
 
 # -- the command: from a snapshot's votes to a candidate adapter -------------------------------------------------
 
-def _voted_snapshot(folder, pipe, prompts, adapter=None, tamper=False):
-    """A snapshot version (feedback/snapshot.py's layout) whose images were drawn by the bundled generator from the
-    per-image seeds the rows record, as serving draws them; votes alternate up and down."""
-    import uuid
-    from datetime import datetime, timezone
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from alignloop.feedback.snapshot import VOTES_SCHEMA
-    from alignloop.generation import generate
-
-    out = folder / "v000001"
-    (out / "images").mkdir(parents=True)
-    seeds = list(range(100, 100 + len(prompts)))
-    images = generate(pipe, prompts, seeds, 4, 5.0, output_type="uint8") if prompts else []
-    rows = []
-    for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, images)):
-        image_id = f"img-{i}-{uuid.uuid4().hex[:6]}"
-        Image.fromarray(255 - image if tamper else image).save(out / "images" / f"{image_id}.png")
-        rows.append({"event_id": str(uuid.uuid4()), "ts": datetime(2026, 11, 1, tzinfo=timezone.utc),
-                     "request_id": f"r-{i}", "image_id": image_id, "vote": "up" if i % 2 == 0 else "down",
-                     "user_hash": f"user-{i % 3}", "arm": "A", "adapter_version": adapter,
-                     "image_uri": f"file:///store/{image_id}.png", "prompt": prompt, "n": 4, "k": 2, "steps": 4,
-                     "guidance": 5.0, "seed": 7, "candidate_seed": seed, "rank": 1, "reward": 0.5,
-                     "image_path": f"images/{image_id}.png", "label": int(i % 2 == 0)})
-    pq.write_table(pa.Table.from_pylist(rows, schema=VOTES_SCHEMA), out / "votes.parquet")
-    (out / "manifest.json").write_text(json.dumps({"version": 1, "offsets": {"alignloop.feedback": {"0": len(rows)}}}))
-    return folder
-
-
-SMALL_RUN = ["--steps", "2", "--batch-size", "4", "--pretrain-batch-size", "4", "--sample-steps", "4",
-             "--eval-prompts", "2", "--no-progress", "--json"]
-
-
 def test_train_kto_from_a_snapshot_publishes_a_candidate_with_its_manifest(pipe, tmp_path, capsys):
     from alignloop.cli import main
     from alignloop.registry import Registry
 
-    snapshot = _voted_snapshot(tmp_path / "snap", pipe, ["two circles", "one square"] * 4)
+    snapshot = voted_snapshot(tmp_path / "snap", pipe, ["two circles", "one square"] * 4)
     registry = str(tmp_path / "registry")
     code = main(["train", "kto", "--snapshot", str(snapshot), "--registry", registry, "--out", str(tmp_path / "run"),
                  *SMALL_RUN])
@@ -285,9 +243,9 @@ def test_bad_fine_tuning_input_is_a_clear_error_and_publishes_nothing(pipe, tmp_
     registry = Registry(tmp_path / "registry")
     folder = tmp_path / "snap"
     if case == "empty":
-        _voted_snapshot(folder, pipe, [])
+        voted_snapshot(folder, pipe, [])
     elif case == "redraw differs":
-        _voted_snapshot(folder, pipe, ["two circles"] * 4, tamper=True)
+        voted_snapshot(folder, pipe, ["two circles"] * 4, tamper=True)
     else:  # the votes were drawn by an adapter made for another base model
         run = train_rwr(RwrConfig(steps=1, **TINY), _voted_samples_stub(), np.ones(2), tmp_path / "other",
                         progress=False)
@@ -296,7 +254,7 @@ def test_bad_fine_tuning_input_is_a_clear_error_and_publishes_nothing(pipe, tmp_
         manifest = registry.publish("adapter", {"pytorch_lora_weights.safetensors":
                                                 adapter_folder / "pytorch_lora_weights.safetensors"},
                                     base={**record["base"], "unet_sha256": "0" * 64}, who="test", why="other base")
-        _voted_snapshot(folder, pipe, ["two circles"] * 4, adapter=manifest.version)
+        voted_snapshot(folder, pipe, ["two circles"] * 4, adapter=manifest.version)
     before = len(registry.versions("adapter"))
     code = main(["train", "rwr", "--snapshot", str(folder), "--registry", str(registry.url), *SMALL_RUN])
     err = capsys.readouterr().err

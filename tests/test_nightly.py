@@ -17,13 +17,6 @@ PROMPTS = ["two circles", "a red square", "three triangles"]  # seen prompts
 STEPS = 4  # the drawing steps the events record (the redraw uses them)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from alignloop.models import load_generator
-
-    return load_generator(device="cpu")
-
-
 def _small_method(config, init_adapter):
     """A two-step KTO run with small batches: the orchestration is under test, not the method."""
     return KtoConfig(steps=2, batch_size=4, pretrain_batch_size=4, sample_steps=STEPS, init_adapter=init_adapter)

@@ -47,7 +47,9 @@ def add_commands(sub) -> None:
         p = tsub.add_parser(name, help=f"LoRA fine-tuning: {what}",
                             description=f"Fine-tune a LoRA on the UNet with {what}, from a snapshot's votes (each "
                                         "voted image redrawn from its recorded seed), evaluate it, and publish it "
-                                        "to the registry as a candidate adapter.")
+                                        "to the registry as a candidate adapter. Under torchrun (`torchrun "
+                                        "--nproc_per_node N -m alignloop train ...`; not ppo) it trains data-parallel, "
+                                        "each process a shard of every batch; rank 0 alone writes and publishes.")
         p.add_argument("--snapshot", type=Path, required=True, help="a snapshot folder or one of its versions")
         p.add_argument("--out", type=Path, default=None, help="run folder: metrics.jsonl, checkpoint.pt, adapter/ "
                        f"(default: ALIGNLOOP_HOME/train/{name}/<time>); rerun with the same --out to resume")
@@ -183,7 +185,7 @@ def _train_lora(args) -> int:
                                     publish=not args.no_publish, reward_version=args.reward_version,
                                     eval_prompts=args.eval_prompts, progress=not args.no_progress,
                                     log=(lambda *a: None) if args.json else print)
-    if args.json:
+    if args.json and report is not None:  # None: a torchrun rank > 0, whose rank 0 reports
         print(json.dumps(report))
     return 0
 

@@ -4,6 +4,7 @@ Kept free of heavy imports: the CLI builds its flags from these fields at start-
 """
 
 import dataclasses
+from typing import ClassVar
 
 from alignloop.adapters import DEFAULT_TARGET_MODULES
 
@@ -65,6 +66,9 @@ class RewardTrainConfig:
 class FinetuneConfig:
     """What every LoRA fine-tuning run shares; saved with its adapter (metadata and registry manifest)."""
 
+    # Whether the method runs under torchrun with WORLD_SIZE > 1 (alignloop.trainer.distributed): its batch splits
+    # into per-sample shards. Not a field: it is the method's property, not a setting.
+    data_parallel: ClassVar[bool] = True
     seed: int = 0
     generator: str = "shapes-sd-tiny"  # the base pipeline: bundled name, local diffusers folder or hub id
     device: str = ""  # "" = CUDA when available, else CPU; LoRA weights and the loss stay fp32
@@ -78,14 +82,14 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     steps: int = 300
-    batch_size: int = 32  # model samples per step
+    batch_size: int = 32  # model samples per step: the global batch, split evenly over torchrun's processes
     grad_clip: float = 1.0
     # β·pre-training loss: the base's own denoising loss on fresh renders of seen prompts (Lee et al. eq. 2)
     # The model's own samples are trained at timesteps t >= sample_min_timestep only (of 1000): where the layout,
     # and with it the count, is decided; the pre-training renders at every t
     sample_min_timestep: int = 0
     pretrain_weight: float = 1.0
-    pretrain_batch_size: int = 32
+    pretrain_batch_size: int = 32  # renders per step (global, like batch_size)
     uncond_prob: float = 0.1  # empty prompts in the pre-training batch, as the base was trained
     # The sampler the data came from and the adapter is evaluated with (sampling and training must agree)
     sample_steps: int = 20
@@ -138,6 +142,9 @@ class PpoConfig(FinetuneConfig):
     """PPO on the denoising MDP (Pinterest §3, Algorithm 1; after DDPO). `steps` counts optimizer updates; a round
     samples `batch_size * minibatches` rollouts with the current LoRA and makes `minibatches` updates on them."""
 
+    # Its rewards and advantages are statistics of the whole round (color diversity over the batch, per-prompt
+    # trackers): sharding needs the rollouts gathered across ranks, which is not built.
+    data_parallel: ClassVar[bool] = False
     lr: float = 3e-4
     steps: int = 120
     batch_size: int = 16  # rollouts per optimizer update
@@ -187,10 +194,19 @@ class NightlyConfig:
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
     min_new_votes: int = 1  # fewer new votes than this since the last finished run: nothing to do
     max_drop: float = 0.0  # open no canary when the candidate's seen pass rate is below its parent's by more
+    # Processes (one per GPU) the finetune stage trains with: > 1 launches `alignloop train METHOD` under torchrun
+    nproc_per_node: int = dataclasses.field(default=1, metadata={"help": (
+        "processes the finetune stage trains with, one per GPU: above 1 it runs `alignloop train METHOD` under "
+        "torchrun (data-parallel, the same adapter as one process); the method's batch sizes must divide by it")})
 
     def __post_init__(self):
         if self.method not in METHOD_CONFIGS:
             raise ValueError(f"method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}")
+        if not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
+            raise ValueError(f"nproc_per_node must be an integer >= 1, got {self.nproc_per_node!r}")
+        if self.nproc_per_node > 1 and not METHOD_CONFIGS[self.method].data_parallel:
+            raise ValueError(f"nproc_per_node must be 1 for method {self.method}, which does not run data-parallel; "
+                             f"got {self.nproc_per_node}")
         checks = [("steps", isinstance(self.steps, int) and self.steps >= 0, "an integer >= 0"),
                   ("canary_share", 0 < self.canary_share < 1, "in (0, 1)"),
                   ("eval_prompts", isinstance(self.eval_prompts, int) and self.eval_prompts >= 1, "an integer >= 1"),

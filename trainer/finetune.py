@@ -6,6 +6,11 @@
         run.update(loss, stats)                 # clip, step, metrics.jsonl, checkpoints
     run.finish()                                # out_dir/adapter: LoRA weights with metadata + config
 
+Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel (alignloop.trainer.distributed): each rank draws
+the global batch's rows and random numbers as one process would, keeps its shard (`run.shard`), and the gradients
+are averaged over the ranks in `update`; rank 0 alone writes. The methods only shard their rows and take batch
+statistics with `run.batch_mean`.
+
 The denoising loss comes in two forms, both per sample ([B]) so that a method can weight them:
 
 - `denoising_loss(latents, texts)`: ‖ε − ε_θ(x_t, t, c)‖², the conditional branch alone: how the base model was
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alignloop.durable import write_durably
+from alignloop.errors import UserFacingError
 
 ADAPTER = "tuned"  # the peft adapter name of the LoRA being trained
 CHECKPOINT = "checkpoint.pt"
@@ -46,14 +52,18 @@ class LoraRun:
 
     def __init__(self, config, out_dir: Path, progress: bool = True):
         from alignloop.adapters import lora_config
-        from alignloop.models import load_generator, resolve_device_dtype
+        from alignloop.models import load_generator
+        from alignloop.trainer.distributed import init
 
         self.config = config
+        self.world = init(config.device)  # a world of one unless launched by torchrun
+        check_world_size(config, self.world.size)
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
-        self.device, _ = resolve_device_dtype(config.device or None, "fp32")  # LoRA weights and math in fp32
-        torch.manual_seed(config.seed)
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress and self.world.is_main
+        self.device = self.world.device  # LoRA weights and math in fp32
+        torch.manual_seed(config.seed)  # the same on every rank: the same LoRA initialization, the same draws
         self.rng = random.Random(config.seed)
         self.pipe = load_generator(config.generator, device=self.device, dtype=torch.float32)
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
@@ -109,14 +119,38 @@ class LoraRun:
         from alignloop.world.train import to_tensor
 
         vae = self.pipe.vae
-        return vae.encode(to_tensor(images).to(self.device)).latent_dist.sample() * vae.config.scaling_factor
+        posterior = vae.encode(to_tensor(images).to(self.device)).latent_dist
+        noise = self.randn_like(posterior.mean.contiguous())  # posterior.sample()'s draw: contiguous, whatever the
+        return (posterior.mean + posterior.std * noise) * vae.config.scaling_factor  # mean's layout
+
+    # -- data parallelism ---------------------------------------------------------------------------------------
+
+    def shard(self, batch):
+        """This rank's slice of a global batch (all of it in one process)."""
+        return self.world.shard(batch)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.randn_like(x) as one process draws it for the global batch that `x` is this rank's shard of, then
+        this rank's slice. In x's layout: the generator fills memory in order, and the VAE's latents are
+        channels-last (torch.cat keeps the layout)."""
+        full = torch.randn_like(torch.cat([x] * self.world.size) if self.world.size > 1 else x)
+        return self.shard(full)
+
+    def randint(self, low: int, high: int, size: int) -> torch.Tensor:
+        full = torch.randint(low, high, (size * self.world.size,), device=self.device)
+        return self.shard(full)
+
+    def batch_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over the global batch of a per-sample [b] shard, detached (a batch statistic, e.g. KTO's
+        reference point): the mean of the ranks' means, their shards being equal."""
+        return self.world.average(x.detach().mean())
 
     # -- losses -------------------------------------------------------------------------------------------------
 
     def noised(self, latents: torch.Tensor, low: int = 0):
         """(x_t, ε, t) at uniform random training timesteps t in [low, T)."""
-        t = torch.randint(low, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
-        noise = torch.randn_like(latents)
+        t = self.randint(low, self.scheduler.config.num_train_timesteps, latents.shape[0])
+        noise = self.randn_like(latents)
         return self.scheduler.add_noise(latents, noise, t), noise, t
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, texts: Sequence[str],
@@ -156,9 +190,9 @@ class LoraRun:
 
         if not self.config.pretrain_weight:
             return torch.zeros((), device=self.device)
-        prompts, images = seen_renders(self.rng, self.config.pretrain_batch_size)
+        prompts, images = seen_renders(self.rng, self.config.pretrain_batch_size)  # the global batch, every rank
         texts = ["" if self.rng.random() < self.config.uncond_prob else p.text for p in prompts]
-        return self.denoising_loss(self.encode_images(images), texts).mean()
+        return self.denoising_loss(self.encode_images(self.shard(images)), self.shard(texts)).mean()
 
     @contextlib.contextmanager
     def base(self):
@@ -174,25 +208,41 @@ class LoraRun:
     def steps(self) -> Iterator[int]:
         self._bar = tqdm(range(self.step, self.config.steps), desc=type(self.config).__name__, initial=self.step,
                          total=self.config.steps, disable=not self.progress)
-        self._metrics = open(self.out_dir / METRICS, "a")
+        if self.world.is_main:
+            self._metrics = open(self.out_dir / METRICS, "a")
         for step in self._bar:
             yield step
 
     def update(self, loss: torch.Tensor, stats: dict) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: loss is {loss.item()}; stats {stats}")
+        """`loss`: the mean over this rank's shard. Its gradients are averaged over the ranks, so the step is the
+        one the mean over the global batch takes; the logged figures are averages over the ranks too."""
+        loss_value, *values = self.world.average_floats([loss.item(), *map(float, stats.values())])
+        if not np.isfinite(loss_value):  # every rank sees the same average: all stop together
+            raise FloatingPointError(f"step {self.step}: loss is {loss_value}; stats {stats}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        row = {"step": self.step, "loss": round(loss.item(), 6), "grad_norm": round(float(grad_norm), 6),
-               **{k: round(float(v), 6) for k, v in stats.items()}, "seconds": round(time.monotonic() - self._started, 1)}
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        self._bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.world.is_main:
+            row = {"step": self.step, "loss": round(loss_value, 6), "grad_norm": round(float(grad_norm), 6),
+                   **{k: round(v, 6) for k, v in zip(stats, values)},
+                   "seconds": round(time.monotonic() - self._started, 1)}
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+            self._bar.set_postfix(loss=f"{loss_value:.4f}")
         if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
             self._checkpoint()
+
+    def _average_gradients(self) -> None:
+        """All-reduce the LoRA gradients as one flat tensor (one message per step, not one per parameter)."""
+        if self.world.size == 1:
+            return
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.lora_params]
+        flat = self.world.average(torch.cat([g.reshape(-1) for g in grads]))
+        for param, grad in zip(self.lora_params, flat.split([p.numel() for p in self.lora_params])):
+            param.grad = grad.view_as(param)
 
     def finish(self, info: Optional[dict] = None) -> Path:
         """out_dir/adapter: the LoRA in diffusers format with its metadata, and adapter.json (config, base model,
@@ -202,23 +252,30 @@ class LoraRun:
 
         if self._metrics:
             self._metrics.close()
-        folder = save_adapter(self.unet, self.out_dir / "adapter", ADAPTER).parent
-        lines = (self.out_dir / METRICS).read_text().strip().splitlines()
-        record = {"method": type(self.config).__name__, "config": self.config.to_dict(),
-                  "base": base_model_identity(self.config.generator), "world": world_signature(),
-                  "steps": self.step, "last_metrics": json.loads(lines[-1]) if lines else None, **(info or {})}
-        write_durably(folder / "adapter.json", (json.dumps(record, indent=1) + "\n").encode())
+        folder = self.out_dir / "adapter"
+        if self.world.is_main:
+            save_adapter(self.unet, folder, ADAPTER)
+            lines = (self.out_dir / METRICS).read_text().strip().splitlines()
+            record = {"method": type(self.config).__name__, "config": self.config.to_dict(),
+                      "base": base_model_identity(self.config.generator), "world": world_signature(),
+                      "steps": self.step, "last_metrics": json.loads(lines[-1]) if lines else None, **(info or {})}
+            write_durably(folder / "adapter.json", (json.dumps(record, indent=1) + "\n").encode())
+        self.world.barrier()  # on every rank, the adapter is there once this returns
         return folder
 
     def _checkpoint(self) -> None:
         import io
 
+        if not self.world.is_main:  # the ranks hold the same weights, optimizer and RNG states
+            self.world.barrier()
+            return
         state = {"step": self.step, "lora": {k: v.detach().cpu() for k, v in self._lora_state().items()},
                  "optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(),
                  "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_durably(self.out_dir / CHECKPOINT, buffer.getvalue())
+        self.world.barrier()
 
     def _resume(self) -> None:
         path = self.out_dir / CHECKPOINT
@@ -240,6 +297,22 @@ class LoraRun:
 
     def _lora_state(self) -> dict:
         return {k: p for k, p in self.unet.named_parameters() if p.requires_grad}
+
+
+def check_world_size(config, size: int) -> None:
+    """Refuses to split a run over `size` processes when its method does not shard or a batch does not divide."""
+    if size == 1:
+        return
+    if not config.data_parallel:
+        raise UserFacingError(f"{type(config).__name__} does not run data-parallel ({size} processes asked for); "
+                              "run it as one process (--nproc-per-node 1)")
+    batches = [("batch_size", config.batch_size)]
+    if config.pretrain_weight:
+        batches.append(("pretrain_batch_size", config.pretrain_batch_size))
+    for name, value in batches:
+        if value % size:
+            raise UserFacingError(f"{name} {value} does not split into {size} equal shards (one per process): make "
+                                  f"it a multiple of {size}; the global batch stays {name}")
 
 
 def _resumable(config: dict) -> dict:

@@ -8,7 +8,12 @@
        vote where there is one; PPO and ReFL optimize the registry's live reward model (or --reward-version).
     3. Evaluate the adapter (oracle pass rate, fidelity, diversity on world prompts) and publish it to the
        registry as a candidate with its manifest: parent, base model hash, snapshot and offsets, config,
-       metrics, world signature. Nothing is published when anything fails.
+       metrics, world signature. Nothing is published when anything fails. The report is also written to
+       <out>/report.json (how the nightly job reads a run it launched under torchrun).
+
+Under torchrun (`torchrun --nproc_per_node N -m alignloop train ...`) every rank redraws the votes and trains its
+shard of each batch (alignloop.trainer.distributed); rank 0 alone evaluates, saves and publishes, and only rank 0
+prints the report.
 """
 
 import json
@@ -24,6 +29,7 @@ from alignloop.trainer.config import METHOD_CONFIGS
 
 METHODS = tuple(METHOD_CONFIGS)  # rwr, ppo, refl, kto
 REDRAW_TOLERANCE = 2.0 / 255  # mean absolute pixel difference between a redraw and the voted PNG
+REPORT = "report.json"  # in the run folder: the command's report, written by rank 0 when it is done
 
 
 def redraw_voted(pipe, rows: list, folder: Path, registry, progress: bool = True):
@@ -149,24 +155,29 @@ def publish_trained(store, adapter_dir: Path, method: str, config, metrics: dict
 def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Path] = None,
                            registry: Optional[str] = None, publish: bool = True,
                            reward_version: Optional[str] = None, eval_prompts: int = 32, progress: bool = True,
-                           log=print) -> dict:
-    """The whole command; returns its report (what the CLI prints as JSON)."""
+                           log=print) -> Optional[dict]:
+    """The whole command; returns its report (what the CLI prints as JSON), or None on torchrun's ranks > 0."""
     import torch
 
+    from alignloop.durable import write_durably
     from alignloop.models import load_clip, load_generator
     from alignloop.registry import Registry
     from alignloop.settings import home
+    from alignloop.trainer.distributed import init
     from alignloop.trainer.reward_model import read_snapshot
 
     if method not in METHODS:
         raise UserFacingError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     started = time.monotonic()
+    world = init(config.device)  # under torchrun: this rank's device; the process group joined
+    if not world.is_main:
+        log = lambda *a: None  # noqa: E731  (one report, rank 0's)
     store = Registry(registry)
-    out = Path(out) if out else home() / "train" / method / time.strftime("%Y%m%d-%H%M%S")
+    out = world.broadcast(Path(out) if out else home() / "train" / method / time.strftime("%Y%m%d-%H%M%S"))
 
-    # 1. Votes, redrawn
+    # 1. Votes, redrawn (by every rank: each needs them all)
     rows, folder, snapshot_manifest = read_snapshot(snapshot)
-    pipe = load_generator(config.generator, device=config.device or None, dtype=torch.float32)
+    pipe = load_generator(config.generator, device=world.device, dtype=torch.float32)
     samples, votes, redraw = redraw_voted(pipe, rows, folder, store, progress)
     log(f"votes: {redraw['voted']} read, {redraw['redrawn']} redrawn as seen ({(votes > 0).sum()} up)")
     unseen = [p.text for p in samples.prompts if getattr(p, "unseen", False)]
@@ -175,7 +186,7 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
                               "combinations must not enter the feedback loop")
 
     # 2. Train
-    clip = load_clip(device=config.device or None)
+    clip = load_clip(device=world.device)
     learned, head, reward_source = None, None, None
     if method in ("ppo", "refl") or (method == "rwr" and (votes == 0).any()):
         from alignloop.rewards import get_reward
@@ -187,7 +198,10 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
         learned = get_reward("learned", head=head, clip=clip)
     run = train_method(method, config, samples, votes, learned, None, clip, head, out, progress)
 
-    # 3. Evaluate, save, publish
+    # 3. Evaluate, save, publish: rank 0 (the other ranks wait in finish() and are done)
+    if not world.is_main:
+        run.finish()
+        return None
     run.unet.eval()
     metrics = evaluate_splits(run.pipe, clip, config, eval_prompts, progress)
     data = {"snapshot": str(folder), "snapshot_version": folder.name, "offsets": snapshot_manifest.get("offsets"),
@@ -200,4 +214,5 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
                                    why=f"trained from snapshot {folder.name}: unseen pass {metrics['unseen_pass']}")
         report["published"] = manifest.version
         log(f"published adapter {manifest.version} as candidate")
+    write_durably(out / REPORT, (json.dumps(report, indent=1) + "\n").encode())
     return report

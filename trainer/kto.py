@@ -22,15 +22,18 @@ from alignloop.trainer.finetune import LoraRun
 from alignloop.trainer.finetune_data import Samples
 
 
-def kto_loss(policy_error: torch.Tensor, base_error: torch.Tensor, up: torch.Tensor, config: KtoConfig) -> tuple:
-    """(loss, stats) of a batch: errors [B] (mean squared, per sample), up [B] bool."""
+def kto_loss(policy_error: torch.Tensor, base_error: torch.Tensor, up: torch.Tensor, config: KtoConfig,
+             batch_mean=lambda x: x.detach().mean()) -> tuple:
+    """(loss, stats) of a batch: errors [B] (mean squared, per sample), up [B] bool. `batch_mean` gives the
+    reference point's mean: the run's `batch_mean` when B is one rank's shard of the global batch."""
     g = base_error - policy_error
-    z = g.mean().clamp(min=0).detach()
+    z = batch_mean(g).clamp(min=0)
     utility = torch.where(up, torch.sigmoid(config.beta * (g - z)), torch.sigmoid(-config.beta * (g - z)))
     weight = torch.where(up, config.up_weight, config.down_weight)
     loss = (weight * (1 - utility)).mean()
-    stats = {"implicit_reward_up": g[up].mean().item() if up.any() else float("nan"),
-             "implicit_reward_down": g[~up].mean().item() if (~up).any() else float("nan"),
+    # Means over the up- (down-) voted images of the whole batch, as ratios of batch means (NaN where none)
+    stats = {"implicit_reward_up": (batch_mean(g * up) / batch_mean(up.float())).item(),
+             "implicit_reward_down": (batch_mean(g * ~up) / batch_mean((~up).float())).item(),
              "reference_point": z.item()}
     return loss, stats
 
@@ -44,13 +47,13 @@ def train_kto(config: KtoConfig, samples: Samples, votes: np.ndarray, out_dir: P
     texts = [p.text for p in samples.prompts]
     guidance = config.guidance if config.guided_loss else None
     for _ in run.steps():
-        # 1. A batch of voted images, uniformly (the up/down balance is the votes')
-        rows = run.rng.choices(list(voted), k=config.batch_size)
+        # 1. A batch of voted images, uniformly (the up/down balance is the votes'); this rank's shard of it
+        rows = run.shard(run.rng.choices(list(voted), k=config.batch_size))
         up = torch.tensor(votes[rows] > 0, device=run.device)
         # 2. Their denoising errors under the LoRA and the base, at one random timestep each
         policy_error, base_error = run.denoising_errors(latents[rows], [texts[i] for i in rows], guidance,
                                                         config.sample_min_timestep)
-        kto, stats = kto_loss(policy_error, base_error, up, config)
+        kto, stats = kto_loss(policy_error, base_error, up, config, run.batch_mean)
         # 3. β_pre · the base's own loss on fresh renders of seen prompts
         pretrain_loss = run.pretraining_loss()
         loss = kto + config.pretrain_weight * pretrain_loss

@@ -3,7 +3,8 @@
     1. snapshot  consume both topics from the committed offsets into a new dataset version (feedback.snapshot)
     2. reward    train the reward model on it; its own gate publishes it live or keeps it a candidate
     3. finetune  tune the configured method (default: the fine-tuning benchmark's best) from the live adapter,
-                 or from the base model when none is live, with the live reward model
+                 or from the base model when none is live, with the live reward model; with nproc_per_node > 1
+                 as `alignloop train METHOD` under torchrun, a child process whose report this job reads back
     4. evaluate  the tuned adapter and its parent (the live adapter, or the base) on the same seen prompts and
                  seeds; unseen prompts are reported, never decided on (they measure, they do not select)
     5. publish   the adapter as a candidate, its manifest naming the run, the parent and both evaluations
@@ -21,6 +22,7 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -247,12 +249,36 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
     if config.method in ("ppo", "refl") and store.live(REWARD_KIND) is None:
         raise UserFacingError(f"{config.method} optimizes the live reward model and none is live (the reward stage "
                               f"said: {state.done('reward')['reason']}); collect more votes, or use --method kto")
-    report = finetune_from_snapshot(config.method, Path(state.done("snapshot")["folder"]),
-                                    _method_config(config, init), out=state.folder / "finetune",
-                                    registry=registry_url, publish=False, eval_prompts=config.eval_prompts,
-                                    progress=progress, log=log)
+    snapshot, out = Path(state.done("snapshot")["folder"]), state.folder / "finetune"
+    method = _method_config(config, init)
+    if config.nproc_per_node > 1:
+        report = finetune_under_torchrun(config, snapshot, method, out, registry_url, progress)
+    else:
+        report = finetune_from_snapshot(config.method, snapshot, method, out=out, registry=registry_url,
+                                        publish=False, eval_prompts=config.eval_prompts, progress=progress, log=log)
     return {"adapter": report["adapter"], "parent": parent, "init_adapter": init,
             "candidate_metrics": report["metrics"], "data": report["data"]}
+
+
+def finetune_under_torchrun(config: NightlyConfig, snapshot: Path, method, out: Path, registry_url,
+                            progress: bool) -> dict:
+    """`alignloop train METHOD --no-publish` on `nproc_per_node` processes (torchrun; this job's lock and state stay
+    in this one process); its report is read back from out/report.json. A failure leaves the stage unfinished:
+    the next run launches it again and it resumes from out/checkpoint.pt."""
+    from alignloop.cli import config_to_args
+    from alignloop.trainer.distributed import torchrun_command
+    from alignloop.trainer.finetune import check_world_size
+    from alignloop.trainer.finetune_job import REPORT
+
+    check_world_size(method, config.nproc_per_node)  # before the processes start and load their models
+    args = ["train", config.method, "--snapshot", str(snapshot), "--out", str(out), "--no-publish",
+            "--eval-prompts", str(config.eval_prompts), "--json", *config_to_args(method)]
+    args += (["--registry", registry_url] if registry_url else []) + ([] if progress else ["--no-progress"])
+    done = subprocess.run(torchrun_command(config.nproc_per_node, args))
+    if done.returncode != 0:
+        raise UserFacingError(f"the fine-tune on {config.nproc_per_node} processes (torchrun) exited with status "
+                              f"{done.returncode}, its errors above; the next run resumes it from {out}")
+    return json.loads((out / REPORT).read_text())
 
 
 def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool) -> dict:

@@ -56,9 +56,11 @@ def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableRewa
     steps = config.sample_steps
     first = steps - max(1, round(steps * config.last_fraction))
     for _ in run.steps():
-        # 1. The trajectory without gradients, x_t at a step in the last quarter
+        # 1. The trajectory without gradients, x_t at a step in the last quarter (this rank's shard of the batch:
+        #    each image has its own seed, so a shard's trajectories are the single process's)
         batch = run.rng.choices(list(prompts), k=config.batch_size)
-        seeds = [run.rng.randrange(2**31) for _ in batch]
+        seeds = run.shard([run.rng.randrange(2**31) for _ in batch])
+        batch = run.shard(batch)
         rollout = sample_with_logprob(run.pipe, [p.text for p in batch], seeds, steps, config.guidance,
                                       eta=config.eta, log_probs=False)
         index = run.rng.randrange(first, steps)

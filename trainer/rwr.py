@@ -37,8 +37,8 @@ def train_rwr(config: RwrConfig, samples: Samples, weights: np.ndarray, out_dir:
     texts = [p.text for p in samples.prompts]
     population = range(len(samples))
     for _ in run.steps():
-        # 1. Samples drawn in proportion to their reward
-        rows = run.rng.choices(population, weights=weights, k=config.batch_size)
+        # 1. Samples drawn in proportion to their reward (the global batch; this rank's shard of it)
+        rows = run.shard(run.rng.choices(population, weights=weights, k=config.batch_size))
         batch, batch_texts = latents[rows], [texts[i] for i in rows]
         # 2. Their denoising loss, through the guided prediction that drew them
         guidance = config.guidance if config.guided_loss else None
