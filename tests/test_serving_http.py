@@ -201,6 +201,8 @@ def test_tokens_of_the_previous_key_are_accepted_during_a_rotation(generation, s
 BAD_GENERATE = [
     ("empty prompt", {"prompt": ""}, "prompt", "at least 1 character"),
     ("blank prompt", {"prompt": "   \t "}, "prompt", "at least 1 character"),
+    ("a separator that str.strip() trims", {"prompt": "\x1f"}, "prompt", "control characters"),
+    ("a newline inside", {"prompt": "a red\ncircle"}, "prompt", "control characters"),
     ("10,000-char prompt", {"prompt": "x" * 10_000}, "prompt", "at most 500 characters"),
     ("k > n", {"prompt": PROMPT, "n": 3, "k": 5}, "k", "at most n"),
     ("n below the default k", {"prompt": PROMPT, "n": 1}, "k", "got k=2, n=1"),
