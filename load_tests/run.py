@@ -44,7 +44,7 @@ IDENTITY_HEADER = "X-Load-User"
 class Scenario:
     about: str
     user_class: str = "MixUser"
-    users: int = 4  # what this 2-core machine holds at n 4..16, 20 steps, with think time (load_tests/README.md)
+    users: int = 4  # what this 2-core machine serves without shedding at n 4..16, 20 steps (load_tests/README.md)
     seconds: int = 300
     serve_env: dict = field(default_factory=dict)  # ALIGNLOOP_SERVE_* for the service
     promote_every_s: float = 0.0  # > 0: promote a fresh adapter this often while the users run
