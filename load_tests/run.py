@@ -70,7 +70,10 @@ SCENARIOS = {
 }
 SAMPLE_EVERY_S = 5.0
 # Memory growth is fitted over the second half of a run: the worker's resident memory climbs for its first minutes
-# (allocator pools filling for each new batch shape; 1.2 -> 1.8 GiB over 10 minutes of the mix, flat after).
+# (allocator pools filling for each new batch shape; 1.2 -> 1.8 GiB over 10 minutes of the mix, flat after), so a
+# leak is judged only on what comes after MEMORY_WARMUP_S, and only in runs long enough to have that (the soak).
+MEMORY_WARMUP_S = 600.0
+MIN_SAMPLES_PER_HALF = 24  # 2 minutes at SAMPLE_EVERY_S
 
 
 def main(argv=None) -> int:
@@ -177,7 +180,8 @@ def run(scenario: Scenario, out: Path, users: int, seconds: int, knobs: dict, no
     }
     if scenario.shed_ok:
         checks["healthy_after"] = bool(healthy_after and healthy_after["ok"])
-        checks["memory_bounded"] = memory.bounded()
+    if (memory_bounded := memory.bounded()) is not None:
+        checks["memory_bounded_after_warmup"] = memory_bounded
     if scenario.promote_every_s:
         checks["requests_drawn_by_several_adapters"] = len(locust["report"].get("adapters", {})) >= 2
     report = {
@@ -304,14 +308,21 @@ class _MemorySampler(threading.Thread):
                          "every_minute_mib": [round(float(m), 1) for m in mib[::max(1, int(60 / SAMPLE_EVERY_S))]]}
         return out
 
-    def bounded(self) -> bool:
-        """No process still growing at the end: the last third's peak within 10% of the middle third's."""
+    def bounded(self) -> bool | None:
+        """No process still growing after the warm-up: over the samples past MEMORY_WARMUP_S, the second half's peak
+        within 10% of the first half's. None when the run was too short to tell warm-up from a leak."""
+        if not self.samples:
+            return None
+        judged = None
         for points in self.samples.values():
-            mib = [m for _, m in points]
-            third = len(mib) // 3
-            if third and max(mib[-third:]) > 1.10 * max(mib[third:-third] or mib[:third]):
+            mib = [m for t, m in points if t >= MEMORY_WARMUP_S]
+            if len(mib) < 2 * MIN_SAMPLES_PER_HALF:
+                return None
+            half = len(mib) // 2
+            judged = max(mib[half:]) <= 1.10 * max(mib[:half])
+            if not judged:
                 return False
-        return bool(self.samples)
+        return judged
 
 
 class _Promoter(threading.Thread):
