@@ -17,8 +17,8 @@ PROMPTS = ["two circles", "a red square", "three triangles"]  # seen prompts
 STEPS = 4  # the drawing steps the events record (the redraw uses them)
 
 
-def _small_method(config, init_adapter):
-    """A two-step KTO run with small batches: the orchestration is under test, not the method."""
+def _small_method(config, init_adapter, method=""):
+    """A two-step KTO run with small batches whatever the method: the orchestration is under test, not the method."""
     return KtoConfig(steps=2, batch_size=4, pretrain_batch_size=4, sample_steps=STEPS, init_adapter=init_adapter)
 
 
@@ -154,7 +154,8 @@ def test_an_unfinished_run_resumes_only_with_its_config_or_is_abandoned(tmp_path
 
 @pytest.mark.parametrize("field, value, message", [("method", "dpo", "method must be one of"),
                                                    ("canary_share", 1.0, "canary_share must be in"),
-                                                   ("min_new_votes", 0, "min_new_votes must be")])
+                                                   ("min_new_votes", 0, "min_new_votes must be"),
+                                                   ("fallback_method", "ppo", "fallback_method must be rwr, kto")])
 def test_bad_nightly_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         NightlyConfig(**{field: value})
@@ -191,3 +192,24 @@ def test_an_unreachable_broker_is_a_one_line_error_and_the_run_can_resume(tmp_pa
     assert "no Kafka broker answers at 127.0.0.1:1" in err and "Traceback" not in err
     (state,) = nightly._runs(tmp_path / "nightly")
     assert state.data["stages"] == {} and "outcome" not in state.data  # nothing done, resumed next time
+
+
+def test_without_a_live_reward_model_refl_tunes_with_the_fallback_or_fails_when_there_is_none(traffic):
+    """The reward stage's gate can keep the new head a candidate (it must beat the CLIP score first): a method that
+    optimizes the live reward then has none, and the night tunes with the fallback (KTO, from the thumbs alone)."""
+    from alignloop.registry import Registry
+
+    config = NightlyConfig(method="refl", eval_prompts=1)
+    _run(traffic, stop_after="snapshot")  # a run with its snapshot, resumed below as the reward stage left it
+    state = nightly.open_run(traffic["home"] / "nightly", NightlyConfig(method="kto", eval_prompts=1), abandon=False,
+                             log=lambda *a: None)
+    state.finish_stage("reward", {"version": None, "state": "candidate", "reason": "kept as candidate (test)"})
+    registry = Registry(traffic["registry"])
+    assert registry.live("reward") is None
+    logged = []
+    result = nightly.stage_finetune(state, config, registry, traffic["registry"], False, logged.append)
+    assert result["method"] == "kto" and "kept as candidate (test)" in result["fallback_because"]
+    assert any("tuning with kto instead" in line for line in logged)
+    with pytest.raises(nightly.UserFacingError, match="refl optimizes the live reward model and none is live"):
+        nightly.stage_finetune(state, NightlyConfig(method="refl", fallback_method=""), registry, traffic["registry"],
+                               False, logged.append)

@@ -1,8 +1,10 @@
-"""`alignloop train reward|rwr|ppo|refl|kto ...`, `alignloop bench reward` and `alignloop bench finetune`.
+"""`alignloop train reward|rwr|ppo|refl|kto ...`, `alignloop nightly`, `alignloop experiment`, `alignloop bench reward`
+and `alignloop bench finetune`.
 
 Imports of torch and the models happen inside the command functions, keeping `alignloop --help` fast.
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -84,6 +86,58 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the run's state as one JSON object on the last line")
     add_config_args(p, NightlyConfig())
     p.set_defaults(func=_nightly)
+
+    from alignloop.trainer.config import ExperimentConfig
+
+    p = sub.add_parser(
+        "experiment", help="the closed loop end to end: simulated users, Kafka, the service, nightly cycles, a report",
+        description="Start Kafka and the service on the bundled shapes-world model, drive it over HTTP with "
+                    "simulated users (seen prompts, thumbs from the simulated rater through /feedback), run the "
+                    "nightly job after each cycle's traffic, keep the traffic going while the guardrail decides on "
+                    "its canary, then measure every generator and reward on seen and unseen prompts and write "
+                    "OUT/experiment.json and OUT/report.md with plots and image grids. Exits 1 when a check fails "
+                    "(a failed request, a vote lost, a promotion the oracle rates worse, or a pass rate that did not "
+                    "move up). The defaults are the full run's; --quick uses QUICK_EXPERIMENT "
+                    "(alignloop/trainer/config.py) for every flag not given.")
+    p.add_argument("--out", type=Path, required=True, help="an empty or new folder for everything the run writes")
+    p.add_argument("--quick", action="store_true", help="the smoke test: a few requests, steps and prompts per stage "
+                   "(about 10 minutes on 2 CPU cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print experiment.json's content as one line at the end")
+    add_config_args(p, ExperimentConfig())
+    # Only the flags given reach the config, so that --quick's values apply to the others.
+    for action in p._actions:
+        if action.dest in ExperimentConfig.__dataclass_fields__:
+            action.default = argparse.SUPPRESS
+    p.set_defaults(func=_experiment)
+
+
+def _experiment(args) -> int:
+    import os
+
+    from alignloop.errors import UserFacingError
+    from alignloop.trainer.config import QUICK_EXPERIMENT, ExperimentConfig
+    from alignloop.trainer.experiment import run_experiment
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UserFacingError(f"--out {args.out} is not empty: an experiment starts from nothing (a fresh registry, "
+                              "topics and home); give a new folder")
+    given = {name: getattr(args, name) for name in ExperimentConfig.__dataclass_fields__ if hasattr(args, name)}
+    try:
+        config = ExperimentConfig(**{**(QUICK_EXPERIMENT if args.quick else {}), **given})
+    except ValueError as err:
+        field, _, rest = str(err).partition(" ")
+        raise UserFacingError(f"--{field.replace('_', '-')} {rest}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["ALIGNLOOP_HOME"] = str((args.out / "home").resolve())  # this process, the service, the nightly job
+    report = run_experiment(config, args.out.resolve(), quick=args.quick, progress=not args.no_progress,
+                            log=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"report: {args.out / 'report.md'}; checks: " + ", ".join(
+            f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items()))
+    return 0 if all(report["checks"].values()) else 1
 
 
 def add_benchmarks(bench_subparsers) -> None:

@@ -189,6 +189,9 @@ class NightlyConfig:
     """What a nightly run does; saved in its state and in the candidate's manifest."""
 
     method: str = "refl"  # rwr | ppo | refl | kto: ReFL passed unseen prompts best in `bench finetune` (0.513)
+    # The method when `method` optimizes the live reward model (ppo, refl) and the reward stage left none live (its
+    # gate kept the new head a candidate): KTO learns from the thumbs alone. "" = the run fails instead
+    fallback_method: str = "kto"
     steps: int = 0  # optimizer steps of the method; 0 = the method's default
     canary_share: float = 0.1  # share of users arm B (the candidate) gets, in (0, 1)
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
@@ -202,6 +205,9 @@ class NightlyConfig:
     def __post_init__(self):
         if self.method not in METHOD_CONFIGS:
             raise ValueError(f"method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}")
+        if self.fallback_method not in ("", "rwr", "kto"):
+            raise ValueError(f"fallback_method must be rwr, kto (methods that need no reward model) or '', got "
+                             f"{self.fallback_method!r}")
         if not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
             raise ValueError(f"nproc_per_node must be an integer >= 1, got {self.nproc_per_node!r}")
         if self.nproc_per_node > 1 and not METHOD_CONFIGS[self.method].data_parallel:
@@ -222,3 +228,72 @@ class NightlyConfig:
 
 # The config class of each fine-tuning method (the CLI's `train METHOD` flags, the nightly job's --method).
 METHOD_CONFIGS = {"rwr": RwrConfig, "ppo": PpoConfig, "refl": ReflConfig, "kto": KtoConfig}
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """`alignloop experiment`: the simulated traffic, the cycles and the evaluation of one closed-loop run. The
+    defaults are the full run's; QUICK_EXPERIMENT is the smoke test's (`--quick`)."""
+
+    seed: int = 0  # seeds the users' prompts and votes, the rater's noise and every evaluation image
+    # Traffic: simulated users over HTTP, as the browser's contract (alignloop.trainer.experiment.Traffic)
+    users: int = 64  # identities (sticky arms are per identity): enough that a canary share reaches several
+    clients: int = 3  # users requesting at once; 3 keeps the 2-core CPU busy without shedding at n=16
+    n: int = 16  # candidates per request
+    k: int = 4  # images shown (the best k by the live reward)
+    steps: int = 20  # denoising steps per request
+    guidance: float = 5.0
+    vote_rate: float = 1.0  # chance a user thumbs a shown image, in (0, 1]
+    flip: float = 0.1  # the simulated rater's noise: chance a vote is the opposite of the oracle's verdict
+    # Cycles: a day's traffic, the nightly job, then traffic while the guardrail decides on the canary
+    cycles: int = 2
+    requests_per_cycle: int = 300  # a "day": 1,200 votes at k=4, vote_rate 1 (about 15 minutes of CPU at n=16)
+    method: str = "refl"  # the nightly job's method (its default: the best of `bench finetune`)
+    method_steps: int = 0  # optimizer steps of the nightly method; 0 = the method's default
+    canary_share: float = 0.5  # users on the candidate: half, so the guardrail has its votes in one "day"
+    canary_requests: int = 200  # traffic the guardrail gets at most; undecided after it: retired as inconclusive
+    guardrail_every: int = 20  # requests between two looks of the guardrail
+    guardrail_min_votes: int = 200  # votes each arm needs before the guardrail decides (GuardrailConfig.min_votes)
+    nightly_eval_prompts: int = 32  # seen prompts the nightly job compares a candidate and its parent on
+    # Every other method trained from cycle 1's snapshot beside the nightly one (the report's per-method rows)
+    other_methods: bool = True
+    other_method_steps: int = 0  # their optimizer steps; 0 = each method's default
+    # Evaluation, on seen and unseen prompts with fixed seeds (world eval's), per category
+    eval_prompts: int = 96  # prompts of each split (a seeded sample; unseen has 137, seen 418)
+    eval_per_prompt: int = 4  # images of a prompt for the generator alone (pass rate, fidelity, diversity)
+    served_per_prompt: int = 16  # candidates of a prompt for best-k-of-n (the first eval_per_prompt are the same)
+    served_k: int = 4  # the best k of them by a reward
+
+    def __post_init__(self):
+        checks = [
+            ("users", self.users >= 1, ">= 1"), ("clients", 1 <= self.clients <= self.users, "in 1..users"),
+            ("n", 1 <= self.n <= 64, "in 1..64"), ("k", 1 <= self.k <= self.n, "in 1..n"),
+            ("steps", 1 <= self.steps <= 150, "in 1..150"), ("vote_rate", 0 < self.vote_rate <= 1, "in (0, 1]"),
+            ("flip", 0 <= self.flip <= 0.5, "in [0, 0.5]"), ("cycles", self.cycles >= 1, ">= 1"),
+            ("requests_per_cycle", self.requests_per_cycle >= 1, ">= 1"),
+            ("method", self.method in METHOD_CONFIGS, f"one of {', '.join(METHOD_CONFIGS)}"),
+            ("method_steps", self.method_steps >= 0, ">= 0"),
+            ("canary_share", 0 < self.canary_share < 1, "in (0, 1)"),
+            ("canary_requests", self.canary_requests >= 1, ">= 1"),
+            ("guardrail_every", self.guardrail_every >= 1, ">= 1"),
+            ("guardrail_min_votes", self.guardrail_min_votes >= 1, ">= 1"),
+            ("nightly_eval_prompts", self.nightly_eval_prompts >= 1, ">= 1"),
+            ("other_method_steps", self.other_method_steps >= 0, ">= 0"),
+            ("eval_prompts", self.eval_prompts >= 1, ">= 1"),
+            ("eval_per_prompt", self.eval_per_prompt >= 2, ">= 2 (diversity needs two images a prompt)"),
+            ("served_per_prompt", self.served_per_prompt >= self.eval_per_prompt, ">= eval_per_prompt"),
+            ("served_k", 1 <= self.served_k <= self.served_per_prompt, "in 1..served_per_prompt"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# `alignloop experiment --quick`: every stage of the loop in a few minutes on 2 cores (a smoke test: its figures
+# show the code path, not the effect).
+QUICK_EXPERIMENT = dict(users=16, clients=2, n=8, k=4, requests_per_cycle=16, method_steps=3, canary_requests=16,
+                        guardrail_every=8, guardrail_min_votes=24, nightly_eval_prompts=2, other_method_steps=3,
+                        eval_prompts=12, eval_per_prompt=2, served_per_prompt=8, served_k=2)

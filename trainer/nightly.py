@@ -231,11 +231,14 @@ def stage_reward(state: RunState, store, registry_url, progress: bool, log) -> d
             "held_out_accuracy": report["metrics"].get("held_out_accuracy")}
 
 
-def _method_config(config: NightlyConfig, init_adapter: str):
+def _method_config(config: NightlyConfig, init_adapter: str, method: str = ""):
     from alignloop.trainer.config import METHOD_CONFIGS
 
     fields = {"init_adapter": init_adapter, **({"steps": config.steps} if config.steps else {})}
-    return METHOD_CONFIGS[config.method](**fields)
+    return METHOD_CONFIGS[method or config.method](**fields)
+
+
+NEEDS_LIVE_REWARD = ("ppo", "refl")  # they optimize the live reward model
 
 
 def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, progress: bool, log) -> dict:
@@ -246,21 +249,27 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
     live = newest_live(store.versions("adapter"))
     parent = live.version if live else "base"
     init = str(store.fetch("adapter", live.version)) if live else ""
-    if config.method in ("ppo", "refl") and store.live(REWARD_KIND) is None:
-        raise UserFacingError(f"{config.method} optimizes the live reward model and none is live (the reward stage "
-                              f"said: {state.done('reward')['reason']}); collect more votes, or use --method kto")
+    name, why = config.method, None
+    if name in NEEDS_LIVE_REWARD and store.live(REWARD_KIND) is None:
+        why = (f"{name} optimizes the live reward model and none is live (the reward stage said: "
+               f"{state.done('reward')['reason']})")
+        if not config.fallback_method:
+            raise UserFacingError(f"{why}; collect more votes, or use --method kto")
+        name = config.fallback_method
+        log(f"{why}: tuning with {name} instead (--fallback-method)")
     snapshot, out = Path(state.done("snapshot")["folder"]), state.folder / "finetune"
-    method = _method_config(config, init)
+    method = _method_config(config, init, name)
     if config.nproc_per_node > 1:
-        report = finetune_under_torchrun(config, snapshot, method, out, registry_url, progress)
+        report = finetune_under_torchrun(config, name, snapshot, method, out, registry_url, progress)
     else:
-        report = finetune_from_snapshot(config.method, snapshot, method, out=out, registry=registry_url,
+        report = finetune_from_snapshot(name, snapshot, method, out=out, registry=registry_url,
                                         publish=False, eval_prompts=config.eval_prompts, progress=progress, log=log)
-    return {"adapter": report["adapter"], "parent": parent, "init_adapter": init,
+    return {"adapter": report["adapter"], "parent": parent, "init_adapter": init, "method": name,
+            **({"fallback_because": why} if name != config.method else {}),
             "candidate_metrics": report["metrics"], "data": report["data"]}
 
 
-def finetune_under_torchrun(config: NightlyConfig, snapshot: Path, method, out: Path, registry_url,
+def finetune_under_torchrun(config: NightlyConfig, name: str, snapshot: Path, method, out: Path, registry_url,
                             progress: bool) -> dict:
     """`alignloop train METHOD --no-publish` on `nproc_per_node` processes (torchrun; this job's lock and state stay
     in this one process); its report is read back from out/report.json. A failure leaves the stage unfinished:
@@ -271,7 +280,7 @@ def finetune_under_torchrun(config: NightlyConfig, snapshot: Path, method, out: 
     from alignloop.trainer.finetune_job import REPORT
 
     check_world_size(method, config.nproc_per_node)  # before the processes start and load their models
-    args = ["train", config.method, "--snapshot", str(snapshot), "--out", str(out), "--no-publish",
+    args = ["train", name, "--snapshot", str(snapshot), "--out", str(out), "--no-publish",
             "--eval-prompts", str(config.eval_prompts), "--json", *config_to_args(method)]
     args += (["--registry", registry_url] if registry_url else []) + ([] if progress else ["--no-progress"])
     done = subprocess.run(torchrun_command(config.nproc_per_node, args))
@@ -310,8 +319,9 @@ def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
     tuned, evaluated = state.done("finetune"), state.done("evaluate")
     metrics = {**tuned["candidate_metrics"], "parent": tuned["parent"], "parent_metrics": evaluated["parent_metrics"]}
     data = {**tuned["data"], "nightly_run": state.run_id, "nightly_config": config.to_dict()}
-    manifest = publish_trained(store, Path(tuned["adapter"]), config.method,
-                               _method_config(config, tuned["init_adapter"]), metrics, data,
+    method = tuned.get("method", config.method)
+    manifest = publish_trained(store, Path(tuned["adapter"]), method,
+                               _method_config(config, tuned["init_adapter"], method), metrics, data,
                                why=f"nightly {state.run_id}: seen pass {evaluated['seen_pass']:.3f} vs parent "
                                    f"{tuned['parent']} {evaluated['parent_seen_pass']:.3f}",
                                parent=None if tuned["parent"] == "base" else tuned["parent"])
