@@ -57,14 +57,20 @@ def config_to_args(config) -> list:
     return args
 
 
-def config_from_args(config_class, args):
-    """The config built from the flags `add_config_args` made (tuple fields as tuples); a field's ValueError ("lr must be > 0, got 0") comes
-    back as the flag's ("--lr must be > 0, got 0"), a one-line error for the user."""
+def config_from_args(config_class, args, base: dict = None):
+    """The config built from the flags `add_config_args` made (tuple fields as tuples); a field the args lack (a flag
+    whose default was suppressed and that was not given) comes from `base`, else the class default. A field's
+    ValueError ("lr must be > 0, got 0") comes back as the flag's ("--lr must be > 0, got 0"), a one-line error for
+    the user."""
     from alignloop.errors import UserFacingError
 
+    fields = dict(base or {})
+    for f in dataclasses.fields(config_class):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            fields[f.name] = tuple(value) if isinstance(value, list) else value  # nargs="+" flags give lists
     try:
-        return config_class(**{f.name: tuple(v) if isinstance(v, list) else v  # nargs="+" flags give lists
-                                for f in dataclasses.fields(config_class) for v in [getattr(args, f.name)]})
+        return config_class(**fields)
     except ValueError as err:
         field, _, rest = str(err).partition(" ")
         raise UserFacingError(f"--{field.replace('_', '-')} {rest}") from None

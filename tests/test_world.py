@@ -173,3 +173,14 @@ def test_rater_noise_and_bias_shift_the_vote_rates():
         SimulatedRater(flip=0.9)
     with pytest.raises(ValueError, match="bias"):
         SimulatedRater(bias={"mood": 0.1})
+
+
+def test_a_vote_on_a_judged_image_is_the_same_draw_as_a_vote_on_the_image():
+    """The experiment's users judge each shown image once and vote with vote_on: the votes of vote() exactly."""
+    rng = random.Random(6)
+    p = Prompt("count", 2, "square")
+    images = [render(p, rng) for _ in range(3)] + [render(Prompt("count", 3, "square"), rng) for _ in range(3)]
+    by_image, by_verdict = SimulatedRater(flip=0.3, seed=7), SimulatedRater(flip=0.3, seed=7)
+    votes = [by_image.vote(image, p) for image in images * 20]
+    assert votes == [by_verdict.vote_on(judge(image, p).passed, p.category) for image in images * 20]
+    assert {"up", "down"} <= set(votes)

@@ -101,7 +101,7 @@ def add_commands(sub) -> None:
                     "(alignloop/trainer/config.py) for every flag not given.")
     p.add_argument("--out", type=Path, required=True, help="an empty or new folder for everything the run writes")
     p.add_argument("--quick", action="store_true", help="the smoke test: a few requests, steps and prompts per stage "
-                   "(about 10 minutes on 2 CPU cores)")
+                   "(5-6 minutes on 2 CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print experiment.json's content as one line at the end")
     add_config_args(p, ExperimentConfig())
@@ -115,6 +115,7 @@ def add_commands(sub) -> None:
 def _experiment(args) -> int:
     import os
 
+    from alignloop.cli import config_from_args
     from alignloop.errors import UserFacingError
     from alignloop.trainer.config import QUICK_EXPERIMENT, ExperimentConfig
     from alignloop.trainer.experiment import run_experiment
@@ -122,12 +123,7 @@ def _experiment(args) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise UserFacingError(f"--out {args.out} is not empty: an experiment starts from nothing (a fresh registry, "
                               "topics and home); give a new folder")
-    given = {name: getattr(args, name) for name in ExperimentConfig.__dataclass_fields__ if hasattr(args, name)}
-    try:
-        config = ExperimentConfig(**{**(QUICK_EXPERIMENT if args.quick else {}), **given})
-    except ValueError as err:
-        field, _, rest = str(err).partition(" ")
-        raise UserFacingError(f"--{field.replace('_', '-')} {rest}") from None
+    config = config_from_args(ExperimentConfig, args, base=QUICK_EXPERIMENT if args.quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["ALIGNLOOP_HOME"] = str((args.out / "home").resolve())  # this process, the service, the nightly job
     report = run_experiment(config, args.out.resolve(), quick=args.quick, progress=not args.no_progress,

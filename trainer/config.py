@@ -205,9 +205,10 @@ class NightlyConfig:
     def __post_init__(self):
         if self.method not in METHOD_CONFIGS:
             raise ValueError(f"method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}")
-        if self.fallback_method not in ("", "rwr", "kto"):
-            raise ValueError(f"fallback_method must be rwr, kto (methods that need no reward model) or '', got "
-                             f"{self.fallback_method!r}")
+        allowed = [m for m in METHOD_CONFIGS if m not in NEEDS_LIVE_REWARD]
+        if self.fallback_method not in ("", *allowed):
+            raise ValueError(f"fallback_method must be {', '.join(allowed)} (methods that need no reward model) or "
+                             f"'', got {self.fallback_method!r}")
         if not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
             raise ValueError(f"nproc_per_node must be an integer >= 1, got {self.nproc_per_node!r}")
         if self.nproc_per_node > 1 and not METHOD_CONFIGS[self.method].data_parallel:
@@ -228,6 +229,7 @@ class NightlyConfig:
 
 # The config class of each fine-tuning method (the CLI's `train METHOD` flags, the nightly job's --method).
 METHOD_CONFIGS = {"rwr": RwrConfig, "ppo": PpoConfig, "refl": ReflConfig, "kto": KtoConfig}
+NEEDS_LIVE_REWARD = ("ppo", "refl")  # the methods that optimize the live reward model
 
 
 @dataclasses.dataclass

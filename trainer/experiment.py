@@ -26,7 +26,6 @@ alone.
 """
 
 import base64
-import dataclasses
 import io
 import json
 import random
@@ -97,6 +96,7 @@ class Traffic:
     def _one(self, session, index: int, phase: str) -> None:
         from PIL import Image
 
+        from alignloop.world.oracle import judge
         from alignloop.world.rater import SimulatedRater
 
         rng = random.Random(self.config.seed * 1_000_003 + index)
@@ -109,7 +109,7 @@ class Traffic:
             return
         answer = response.json()
         with self._lock:
-            self.requests.append({"t": self._now(), "phase": phase, "arm": answer["arm"], "adapter": answer["adapter"],
+            self.requests.append({"t": self.now(), "phase": phase, "arm": answer["arm"], "adapter": answer["adapter"],
                                   "reward_model": answer["reward_model"]})
         rater = SimulatedRater(flip=self.config.flip, seed=rng.randrange(2**31))
         for shown in answer["images"]:
@@ -117,11 +117,12 @@ class Traffic:
                 continue
             with Image.open(io.BytesIO(base64.b64decode(shown["image"]))) as png:
                 image = np.asarray(png.convert("RGB"))
-            passed, vote = _judge(image, prompt), rater.vote(image, prompt)
+            passed = judge(image, prompt).passed
+            vote = rater.vote_on(passed, prompt.category)
             if self._post(session, "/feedback", {"feedback_token": shown["feedback_token"], "vote": vote}, user) is None:
                 continue
             with self._lock:
-                self.votes.append({"t": self._now(), "phase": phase, "arm": answer["arm"],
+                self.votes.append({"t": self.now(), "phase": phase, "arm": answer["arm"],
                                    "adapter": answer["adapter"], "vote": vote, "passed": bool(passed),
                                    "category": prompt.category})
 
@@ -149,9 +150,10 @@ class Traffic:
 
     def _fail(self, route: str, kind: str) -> None:
         with self._lock:
-            self.failures.append({"t": self._now(), "route": route, "kind": kind})
+            self.failures.append({"t": self.now(), "route": route, "kind": kind})
 
-    def _now(self) -> float:
+    def now(self) -> float:
+        """Seconds since the traffic started (the time axis of every record)."""
         return round(time.monotonic() - self.started, 2)
 
     def thumbs_up_rates(self, phase: str) -> dict:
@@ -163,12 +165,6 @@ class Traffic:
         return {name: {"votes": len(rows), "up_rate": round(float(np.mean([r["vote"] == "up" for r in rows])), 4),
                        "oracle_pass_rate": round(float(np.mean([r["passed"] for r in rows])), 4)}
                 for name, rows in sorted(groups.items())}
-
-
-def _judge(image: np.ndarray, prompt) -> bool:
-    from alignloop.world.oracle import judge
-
-    return judge(image, prompt).passed
 
 
 # -------------------------------------------------------------------------------------------------
@@ -261,8 +257,8 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
 
     decisions = []
     if state.get("outcome") == "canary":
-        guard = Guardrail(registry, bootstrap, Topics().prefixed(prefix), GuardrailConfig(min_votes=config.guardrail_min_votes,
-                                                                       poll_s=1.0))
+        guard = Guardrail(registry, bootstrap, Topics().prefixed(prefix),
+                          GuardrailConfig(min_votes=config.guardrail_min_votes, poll_s=1.0))
         try:
             spent, t0 = 0, time.monotonic()
             while spent < config.canary_requests:
@@ -270,7 +266,7 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
                 traffic.run(chunk, f"{phase}-canary")
                 spent += chunk
                 decision = guard.step()
-                record = {"t": traffic._now(), "requests": spent, **(guard.last_record or {})}
+                record = {"t": traffic.now(), "requests": spent, **(guard.last_record or {})}
                 decisions.append(record)
                 log(f"cycle {cycle}: guardrail after {spent} canary requests: {record.get('action')}: "
                     f"{record.get('reason')}")
@@ -281,7 +277,7 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
                 rollback(registry, who="experiment", why=f"inconclusive: the guardrail had not decided after "
                                                          f"{spent} requests (the experiment's canary budget)",
                          expect_rollout=rollout.id)
-                decisions.append({"t": traffic._now(), "requests": spent, "action": "retired",
+                decisions.append({"t": traffic.now(), "requests": spent, "action": "retired",
                                   "reason": "canary budget spent without a decision"})
                 log(f"cycle {cycle}: canary retired, undecided after {spent} requests")
         finally:
@@ -295,9 +291,7 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
 
 
 def _live_adapter(registry) -> str:
-    from alignloop.registry import newest_live
-
-    live = newest_live(registry.versions("adapter"))
+    live = registry.live("adapter")
     return live.version if live else "base"
 
 
@@ -319,12 +313,13 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
     from alignloop.registry import Registry
     from alignloop.rewards import get_reward
     from alignloop.trainer.finetune_job import adapter_active
+    from alignloop.trainer.reward_model import REWARD_KIND
 
     registry = Registry(home / "registry")
     pipe = load_generator(device="cpu", dtype=torch.float32)
     clip = load_clip(device="cpu")
     rewards = {"clip": get_reward("clip", clip=clip)}
-    live_reward = registry.live("reward")
+    live_reward = registry.live(REWARD_KIND)
     if live_reward is not None:
         from alignloop.rewards.functions import head_from_registry
         from alignloop.rewards.scorer import load_head_for
@@ -393,26 +388,21 @@ def measure_split(pipe, clip, split: str, per_prompt: int, config: ExperimentCon
                   progress: bool) -> dict:
     """The pipeline's images of a split's prompts (world eval's seeds): the pass rates of the first
     eval_per_prompt of each prompt (the generator alone) and of the best served_k of per_prompt by each reward."""
-    import torch
-
     from alignloop.kernels import grouped_topk
-    from alignloop.trainer.finetune_eval import clip_embeddings, diversity, frechet_distance
+    from alignloop.trainer.finetune_eval import image_metrics
     from alignloop.trainer.reward_model import preference_accuracy
     from alignloop.world.evaluate import draw_split_images, summarize
     from alignloop.world.oracle import judge
-    from alignloop.world.render import render_batch
 
     prompts, _, images = draw_split_images(pipe, split, per_prompt, config.steps, config.guidance, config.seed,
                                            max_prompts=config.eval_prompts, progress=progress)
     verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
     groups = len(prompts) // per_prompt
     alone = np.arange(len(prompts)).reshape(groups, per_prompt)[:, :config.eval_per_prompt].reshape(-1)
-    embeddings = clip_embeddings(clip, images[alone])
-    renders, _ = render_batch([prompts[i] for i in alone], random.Random(config.seed), avoid_unseen=split != "unseen")
-    measured = {"alone": category_rates(summarize([prompts[i] for i in alone], [verdicts[i] for i in alone])),
-                "fidelity_fd": round(frechet_distance(embeddings, clip_embeddings(clip, renders)), 5),
-                "diversity": round(diversity(embeddings, config.eval_per_prompt), 5), "best_k": {},
-                "grid": images[alone][:8 * config.eval_per_prompt]}
+    metrics = image_metrics(clip, split, [prompts[i] for i in alone], images[alone], [verdicts[i] for i in alone],
+                            config.eval_per_prompt, config.seed)
+    measured = {"alone": category_rates(metrics), "fidelity_fd": metrics["fidelity_fd"],
+                "diversity": metrics["diversity"], "best_k": {}, "grid": images[alone][:8 * config.eval_per_prompt]}
     passed = np.array([v.passed for v in verdicts]).astype(int)
     measured["preference_accuracy"] = {}  # over (passing, failing) image pairs of one prompt, by reward row
     for name, reward in rewards.items():
@@ -434,7 +424,9 @@ def category_rates(summary: dict) -> dict:
 def _reward_metrics(registry, version: Optional[str]) -> dict:
     if not version:
         return {}
-    metrics = registry.get("reward", version).metrics
+    from alignloop.trainer.reward_model import REWARD_KIND
+
+    metrics = registry.get(REWARD_KIND, version).metrics
     return {k: metrics.get(k) for k in ("held_out_accuracy", "clip_score_accuracy", "held_out_pairs")}
 
 
@@ -446,7 +438,8 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
     from alignloop.registry import Registry
     from alignloop.trainer.config import METHOD_CONFIGS
     from alignloop.trainer.finetune_job import finetune_from_snapshot
-    from alignloop.trainer.nightly import NEEDS_LIVE_REWARD
+    from alignloop.trainer.config import NEEDS_LIVE_REWARD
+    from alignloop.trainer.reward_model import REWARD_KIND
 
     if not config.other_methods:
         return {}
@@ -456,7 +449,7 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
     registry = Registry(home / "registry")
     runs = {}
     for method, config_class in METHOD_CONFIGS.items():
-        if method in NEEDS_LIVE_REWARD and registry.live("reward") is None:
+        if method in NEEDS_LIVE_REWARD and registry.live(REWARD_KIND) is None:
             log(f"{method}: not trained, no reward model is live")
             continue
         fields = {"seed": config.seed, **({"steps": config.other_method_steps} if config.other_method_steps else {})}

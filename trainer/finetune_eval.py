@@ -60,12 +60,21 @@ def evaluate_adapter(pipe, clip, split_name: str = "unseen", per_prompt: int = 4
         raise ValueError(f"per_prompt must be >= 2 to measure diversity, got {per_prompt}")
     prompts, _, images = draw_split_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
                                            progress=progress)
-    report = summarize(prompts, [judge(im, p) for im, p in zip(images, prompts)])
+    report = image_metrics(clip, split_name, prompts, images, [judge(im, p) for im, p in zip(images, prompts)],
+                           per_prompt, seed)
+    report.update(split=split_name, prompts=len(prompts) // per_prompt, per_prompt=per_prompt, steps=steps,
+                  guidance=guidance, seed=seed)
+    return report
+
+
+def image_metrics(clip, split_name: str, prompts, images: np.ndarray, verdicts, per_prompt: int, seed: int) -> dict:
+    """world.evaluate.summarize of the verdicts, plus the fidelity proxy and diversity of images drawn
+    `per_prompt` a prompt (rows grouped per prompt, in order)."""
+    report = summarize(prompts, verdicts)
     renders, _ = render_batch(prompts, random.Random(seed), avoid_unseen=split_name != "unseen")
     generated = clip_embeddings(clip, images)
     report.update(fidelity_fd=round(frechet_distance(generated, clip_embeddings(clip, renders)), 5),
-                  diversity=round(diversity(generated, per_prompt), 5), split=split_name,
-                  prompts=len(prompts) // per_prompt, per_prompt=per_prompt, steps=steps, guidance=guidance, seed=seed)
+                  diversity=round(diversity(generated, per_prompt), 5))
     return report
 
 

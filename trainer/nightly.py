@@ -238,11 +238,9 @@ def _method_config(config: NightlyConfig, init_adapter: str, method: str = ""):
     return METHOD_CONFIGS[method or config.method](**fields)
 
 
-NEEDS_LIVE_REWARD = ("ppo", "refl")  # they optimize the live reward model
-
-
 def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, progress: bool, log) -> dict:
     from alignloop.registry import newest_live
+    from alignloop.trainer.config import NEEDS_LIVE_REWARD
     from alignloop.trainer.finetune_job import finetune_from_snapshot
     from alignloop.trainer.reward_model import REWARD_KIND
 
@@ -298,7 +296,7 @@ def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool
     from alignloop.trainer.finetune_job import adapter_active, evaluate_splits
 
     tuned = state.done("finetune")
-    method = _method_config(config, "")
+    method = _method_config(config, "", tuned.get("method", ""))  # the sampler the candidate was evaluated with
     pipe = load_generator(method.generator, device=method.device or None, dtype=torch.float32)
     clip = load_clip(device=method.device or None)
     with adapter_active(pipe, tuned["parent"], store):

@@ -36,5 +36,8 @@ class SimulatedRater:
         prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
         if prompt is None:
             raise ValueError("the simulated rater only judges prompts of the shapes world")
-        passed = judge(image, prompt).passed
-        return "up" if self._rng.random() < self.p_up(passed, prompt.category) else "down"
+        return self.vote_on(judge(image, prompt).passed, prompt.category)
+
+    def vote_on(self, passed: bool, category: str) -> str:
+        """'up' or 'down' for an image the oracle already judged (`passed`): the same draw as vote()."""
+        return "up" if self._rng.random() < self.p_up(passed, category) else "down"
