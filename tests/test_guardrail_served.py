@@ -60,9 +60,9 @@ def base_unet():
     return load_generator(device="cpu").unet
 
 
-def open_canary(service, base_unet, tmp_path, seed: int):
-    """A new adapter (a random LoRA, different images) as canary B beside whatever is live, once the worker serves
-    it. Returns the rollout."""
+def open_canary(service, base_unet, tmp_path, seed: int, lora_std: float = 0.1):
+    """A new adapter (a random LoRA with weights of sd `lora_std`: different images) as canary B beside whatever is
+    live, once the worker serves it. Returns the rollout."""
     from alignloop import rollout
     from alignloop.adapters import adapter_config_record, base_model_identity, lora_config, save_adapter
 
@@ -75,7 +75,7 @@ def open_canary(service, base_unet, tmp_path, seed: int):
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=generator) * lora_std)
     folder = save_adapter(unet, tmp_path / f"adapter-{seed}", "made").parent
     manifest = rollout.publish_adapter(service.registry, folder, base=base_model_identity("shapes-sd-tiny"),
                                        config=adapter_config_record(unet.peft_config["made"]), who="test",
@@ -189,11 +189,14 @@ def _train_head_preferring(service, images_by_adapter: dict, liked: str):
 
 def test_reward_hacking_is_rolled_back(service, base_unet, tmp_path):
     rng = random.Random(1)
-    rollout = open_canary(service, base_unet, tmp_path, seed=4)
+    # B's LoRA is strong so that a head can tell its images from A's on images it was not trained on: A is the
+    # adapter the first scenario promoted when the file runs whole, and two weak random LoRAs look alike (a head
+    # trained on 16 requests' images separated them by only 0.19 sd live, under the 0.2 sd the rule needs).
+    rollout = open_canary(service, base_unet, tmp_path, seed=4, lora_std=0.3)
     a, b = rollout.arm("A").adapter, rollout.arm("B").adapter
     # 1. A head trained to love B's images (users will like B less).
     seen = {a: [], b: []}
-    for prompt, response in drive(service, 16, {a: 0.5, b: 0.5}, rng):
+    for prompt, response in drive(service, 32, {a: 0.5, b: 0.5}, rng):
         for image in response["images"]:
             pixels = Image.open(io.BytesIO(base64.b64decode(image["image"]))).convert("RGB")
             seen[response["adapter"]].append((pixels, prompt))
