@@ -240,8 +240,8 @@ class ExperimentConfig:
     seed: int = 0  # seeds the users' prompts and votes, the rater's noise and every evaluation image
     # Traffic: simulated users over HTTP, as the browser's contract (alignloop.trainer.experiment.Traffic)
     users: int = 64  # identities (sticky arms are per identity): enough that a canary share reaches several
-    clients: int = 3  # users requesting at once; 3 keeps the 2-core CPU busy without shedding at n=16
-    n: int = 16  # candidates per request
+    clients: int = 3  # users requesting at once; 3 keeps the 2-core CPU busy without shedding
+    n: int = 8  # candidates per request: 8 halves a request's CPU (~3 s) so that two cycles fit in about an hour
     k: int = 4  # images shown (the best k by the live reward)
     steps: int = 20  # denoising steps per request
     guidance: float = 5.0
@@ -249,19 +249,19 @@ class ExperimentConfig:
     flip: float = 0.1  # the simulated rater's noise: chance a vote is the opposite of the oracle's verdict
     # Cycles: a day's traffic, the nightly job, then traffic while the guardrail decides on the canary
     cycles: int = 2
-    requests_per_cycle: int = 300  # a "day": 1,200 votes at k=4, vote_rate 1 (about 15 minutes of CPU at n=16)
+    requests_per_cycle: int = 150  # a "day": 600 votes at k=4, vote_rate 1 (about 8 minutes of CPU at n=8)
     method: str = "refl"  # the nightly job's method (its default: the best of `bench finetune`)
     method_steps: int = 0  # optimizer steps of the nightly method; 0 = the method's default
     canary_share: float = 0.5  # users on the candidate: half, so the guardrail has its votes in one "day"
-    canary_requests: int = 200  # traffic the guardrail gets at most; undecided after it: retired as inconclusive
+    canary_requests: int = 100  # traffic the guardrail gets at most (200 votes an arm); then retired as inconclusive
     guardrail_every: int = 20  # requests between two looks of the guardrail
-    guardrail_min_votes: int = 200  # votes each arm needs before the guardrail decides (GuardrailConfig.min_votes)
+    guardrail_min_votes: int = 150  # votes each arm needs before the guardrail decides (GuardrailConfig.min_votes)
     nightly_eval_prompts: int = 32  # seen prompts the nightly job compares a candidate and its parent on
     # Every other method trained from cycle 1's snapshot beside the nightly one (the report's per-method rows)
     other_methods: bool = True
     other_method_steps: int = 0  # their optimizer steps; 0 = each method's default
     # Evaluation, on seen and unseen prompts with fixed seeds (world eval's), per category
-    eval_prompts: int = 96  # prompts of each split (a seeded sample; unseen has 137, seen 418)
+    eval_prompts: int = 48  # prompts of each split (a seeded sample; unseen has 137, seen 418)
     eval_per_prompt: int = 4  # images of a prompt for the generator alone (pass rate, fidelity, diversity)
     served_per_prompt: int = 16  # candidates of a prompt for best-k-of-n (the first eval_per_prompt are the same)
     served_k: int = 4  # the best k of them by a reward
