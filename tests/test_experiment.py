@@ -85,13 +85,15 @@ def _report(tmp_path):
              "guardrail": [{"t": 12.0, "requests": 8, "action": "promote", "reason": "B better"}],
              "canary_thumbs": {"A base": {"votes": 20, "up_rate": 0.6, "oracle_pass_rate": 0.5}},
              "reward_version": "v000001", "reward_state": "live"}
+    quiet_night = {**cycle, "cycle": 2, "live_before": "v000001", "promoted": False, "guardrail": [],
+                   "nightly_stages": {"publish": {"end": ["published", "candidate v000002 is worse: no canary opened"]}}}
     return {"quick": True, "seed": 0, "date": "2026-12-03 00:00 UTC", "seconds": 300.0, "machine": {"cpu_count": 2},
             "config": ExperimentConfig(**QUICK_EXPERIMENT).to_dict(), "seen": split, "unseen": split,
             "fidelity": {"seen": {r: 0.01 for r in rows}, "unseen": {r: 0.02 for r in rows}},
             "diversity": {"seen": {r: 0.1 for r in rows}, "unseen": {r: 0.1 for r in rows}},
             "traffic": {"requests": 40, "votes": 160, "feedback_events_on_topic": 160, "failures": [],
                         "shed_and_retried": 0},
-            "cycles": [cycle, {**cycle, "cycle": 2, "live_before": "v000001", "promoted": False}],
+            "cycles": [cycle, quiet_night],
             "reward_model": {"per_cycle": [{"cycle": 1, "version": "v000001", "state": "live",
                                             "held_out_accuracy": 0.7, "clip_score_accuracy": 0.8,
                                             "held_out_pairs": 30}]},
@@ -120,6 +122,7 @@ def test_the_report_has_every_row_its_plots_and_the_goals_as_measured(tmp_path):
     assert "| base | 0.400 | 0.300 | 0.500 | 0.900 | - |" in text  # a category without prompts is "-"
     assert "+0.200 (goal +0.30: not met)" in text
     assert "after 8 canary requests: promote: B better" in text
+    assert "the nightly job: candidate v000002 is worse: no canary opened" in text  # why cycle 2 had no canary
     for png in ("pass-rates.png", "categories-unseen.png", "guardrail.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "training-curves.png" not in text  # no metrics.jsonl in the run folders: no empty plot

@@ -114,6 +114,12 @@ def markdown(report: dict, plots: dict) -> str:
             lines.append(f"  - tuned with {method}" + (f" ({cycle['nightly_stages']['finetune']['fallback_because']})"
                                                        if "fallback_because" in cycle["nightly_stages"]["finetune"]
                                                        else ""))
+        for arm, stats in (cycle.get("thumbs") or {}).items():
+            lines.append(f"  - the day's traffic, arm {arm}: {stats['votes']} votes, thumbs-up {stats['up_rate']:.3f}, "
+                         f"oracle {stats['oracle_pass_rate']:.3f}")
+        end = (cycle["nightly_stages"].get("publish") or {}).get("end")
+        if end:  # the nightly job's last word: the canary it opened, or why it opened none
+            lines.append(f"  - the nightly job: {end[1]}")
         for look in cycle["guardrail"]:
             lines.append(f"  - after {look['requests']} canary requests: {look.get('action')}: {look.get('reason')}")
         for arm, stats in (cycle.get("canary_thumbs") or {}).items():
