@@ -101,7 +101,8 @@ def _report(tmp_path):
             "promotions": [{"cycle": 1, "promoted": "v000001", "replaced": "base", "seen_pass": 0.45,
                             "unseen_pass": 0.45, "replaced_seen_pass": 0.4, "replaced_unseen_pass": 0.4,
                             "worse": False}],
-            "methods": {}, "grids": {}, "checks": {"no_failed_request": True}, "goals": experiment_goals(split)}
+            "methods": {"kto": {"version": "v000001", "same_as": "candidate1",
+                                "metrics_jsonl": str(tmp_path / "none.jsonl")}}, "grids": {}, "checks": {"no_failed_request": True}, "goals": experiment_goals(split)}
 
 
 def experiment_goals(split):
@@ -123,6 +124,23 @@ def test_the_report_has_every_row_its_plots_and_the_goals_as_measured(tmp_path):
     assert "+0.200 (goal +0.30: not met)" in text
     assert "after 8 canary requests: promote: B better" in text
     assert "the nightly job: candidate v000002 is worse: no canary opened" in text  # why cycle 2 had no canary
+    assert "Diffusion-KTO adapter (cycle 1's snapshot, from the base): the same run as candidate1 |" in text
     for png in ("pass-rates.png", "categories-unseen.png", "guardrail.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "training-curves.png" not in text  # no metrics.jsonl in the run folders: no empty plot
+
+
+def test_cycle_1s_candidate_stands_for_its_method_only_when_it_is_the_same_run():
+    from alignloop.trainer.config import KtoConfig, RwrConfig
+    from alignloop.trainer.experiment import cycle1_candidate_if_same_run
+
+    config = ExperimentConfig(method="kto", method_steps=3)
+    cycle = {"candidate": "v000001", "nightly_stages": {"finetune": {"method": "kto", "init_adapter": ""}}}
+    assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=3), config, cycle) == "v000001"
+    # another step count, seed or method, a night tuned from a live adapter, or no candidate: trained anew
+    assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=4), config, cycle) is None
+    assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=1, steps=3), config, cycle) is None
+    assert cycle1_candidate_if_same_run("rwr", RwrConfig(seed=0, steps=3), config, cycle) is None
+    from_live = {**cycle, "nightly_stages": {"finetune": {"method": "kto", "init_adapter": "/registry/v000009"}}}
+    assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=3), config, from_live) is None
+    assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=3), config, {**cycle, "candidate": None}) is None

@@ -20,9 +20,9 @@
     5. Report    DIR/experiment.json, DIR/report.md with its PNG plots and image grids (alignloop.trainer.
                  experiment_report)
 
-Exit status 0 when the run's checks hold: no failed request, every vote accepted reached the topic, and (the
-smoke test's loose check) the generator as served after the last cycle passes seen prompts better than the base
-alone.
+Exit status 0 when the run's checks hold (`checks`): no failed request, every vote accepted reached the topic, every
+cycle ran the nightly job, no promotion the oracle rates worse than what it replaced, and (the smoke test's loose
+check) the generator as served after the last cycle passes seen prompts better than the base alone.
 """
 
 import base64
@@ -231,7 +231,6 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
     from alignloop.guardrail import Guardrail, GuardrailConfig
     from alignloop.registry import Registry
     from alignloop.rollout import current_rollout, rollback
-    from alignloop.trainer.config import NightlyConfig
     from alignloop.trainer.nightly import run_nightly
 
     registry = Registry(home / "registry")
@@ -243,10 +242,8 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
     result = {"cycle": cycle, "live_before": live_before, "traffic_seconds": round(time.monotonic() - t0, 1),
               "thumbs": traffic.thumbs_up_rates(phase)}
 
-    nightly = NightlyConfig(method=config.method, steps=config.method_steps, canary_share=config.canary_share,
-                            eval_prompts=config.nightly_eval_prompts)
     t0 = time.monotonic()
-    state = run_nightly(nightly, home_dir=home, registry_url=str(home / "registry"), bootstrap=bootstrap,
+    state = run_nightly(nightly_config(config), home_dir=home, registry_url=str(home / "registry"), bootstrap=bootstrap,
                         images_url=(home / "images").as_uri(), topic_prefix=prefix, progress=progress, log=log)
     result.update(nightly_seconds=round(time.monotonic() - t0, 1), nightly_outcome=state.get("outcome"),
                   nightly_run=state["run_id"], nightly_folder=str(home / "nightly" / "runs" / state["run_id"]),
@@ -288,6 +285,14 @@ def run_cycle(cycle: int, config: ExperimentConfig, traffic: Traffic, home: Path
     result["live_after"] = _live_adapter(registry)
     result["promoted"] = result["live_after"] != live_before
     return result
+
+
+def nightly_config(config: ExperimentConfig):
+    """The nightly job's config in every cycle."""
+    from alignloop.trainer.config import NightlyConfig
+
+    return NightlyConfig(method=config.method, steps=config.method_steps, canary_share=config.canary_share,
+                         eval_prompts=config.nightly_eval_prompts)
 
 
 def _live_adapter(registry) -> str:
@@ -333,11 +338,17 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
                                                "state": c["reward_state"],
                                                **_reward_metrics(registry, c["reward_version"])} for c in cycles]})
     grids = {}
+    row_of_adapter = {}  # adapter version -> the row it was measured as
 
     def measure(row: str, adapter: str, served: Optional[dict] = None) -> None:
         """The generator with `adapter` alone as `row`; with `served` ({row name: reward name}) also its best k of
-        n by each reward."""
+        n by each reward. An adapter already measured is not measured again when no served row is asked for: `row`
+        gets its figures."""
         served = {name: rewards[r] for name, r in (served or {}).items() if r in rewards}
+        if adapter in row_of_adapter and not served:
+            alias(row, row_of_adapter[adapter])
+            return
+        row_of_adapter.setdefault(adapter, row)
         with adapter_active(pipe, adapter, registry):
             for split in SPLITS:
                 per_prompt = config.served_per_prompt if served else config.eval_per_prompt
@@ -371,10 +382,7 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
         else:
             measure(rows[0], cycle["live_after"], served={rows[1]: "reward" if "reward" in rewards else "clip"})
         if cycle["candidate"]:
-            if cycle["candidate"] == cycle["live_after"]:
-                alias(f"candidate{c}", rows[0])
-            else:
-                measure(f"candidate{c}", cycle["candidate"])
+            measure(f"candidate{c}", cycle["candidate"])
         previous = rows
     result["methods"] = train_other_methods(config, cycles, home, out, progress, log)
     for method, run in result["methods"].items():
@@ -433,12 +441,12 @@ def _reward_metrics(registry, version: Optional[str]) -> dict:
 def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out: Path, progress: bool,
                         log: Callable) -> dict:
     """Every method, from the base, on cycle 1's snapshot and the reward model live now (the report's per-method
-    rows), each published as a candidate (never rolled out). The nightly method is trained again here from the
-    base like the others, so that the rows compare the methods on one footing."""
+    rows), each published as a candidate (never rolled out), so that the rows compare the methods on one footing.
+    Cycle 1's candidate stands for its method when it is the same run (cycle1_candidate_if_same_run), not trained
+    twice."""
     from alignloop.registry import Registry
-    from alignloop.trainer.config import METHOD_CONFIGS
+    from alignloop.trainer.config import METHOD_CONFIGS, NEEDS_LIVE_REWARD
     from alignloop.trainer.finetune_job import finetune_from_snapshot
-    from alignloop.trainer.config import NEEDS_LIVE_REWARD
     from alignloop.trainer.reward_model import REWARD_KIND
 
     if not config.other_methods:
@@ -453,6 +461,13 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
             log(f"{method}: not trained, no reward model is live")
             continue
         fields = {"seed": config.seed, **({"steps": config.other_method_steps} if config.other_method_steps else {})}
+        same = cycle1_candidate_if_same_run(method, config_class(**fields), config, cycles[0])
+        if same:
+            log(f"{method}: cycle 1's candidate {same} is this run (the same method, config and snapshot, from the "
+                f"base): not trained again")
+            runs[method] = {"version": same, "seconds": 0.0, "same_as": "candidate1",
+                            "metrics_jsonl": str(Path(cycles[0]["nightly_folder"]) / "finetune" / "metrics.jsonl")}
+            continue
         t0 = time.monotonic()
         report = finetune_from_snapshot(method, Path(snapshot), config_class(**fields), out=out / "methods" / method,
                                         registry=str(home / "registry"), eval_prompts=1,
@@ -460,6 +475,17 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
         runs[method] = {"version": report["published"], "seconds": round(time.monotonic() - t0, 1),
                         "metrics_jsonl": str(out / "methods" / method / "metrics.jsonl")}
     return runs
+
+
+def cycle1_candidate_if_same_run(method: str, method_config, config: ExperimentConfig, cycle: dict) -> Optional[str]:
+    """Cycle 1's candidate when its nightly fine-tune is the run `method_config` would make: the same method and
+    config, from the base, on the same snapshot (training is seeded, so the adapter would be the same); else None."""
+    from alignloop.trainer.nightly import _method_config
+
+    tuned = cycle["nightly_stages"].get("finetune") or {}
+    if not cycle.get("candidate") or tuned.get("method") != method or tuned.get("init_adapter"):
+        return None
+    return cycle["candidate"] if _method_config(nightly_config(config), "", method) == method_config else None
 
 
 def promotion_checks(result: dict, cycles: list) -> list:

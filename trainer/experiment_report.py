@@ -77,6 +77,8 @@ def markdown(report: dict, plots: dict) -> str:
               f"{'met' if g['served_met'] else 'not met'})", ""]
     for split in ("unseen", "seen"):
         rows = report[split]
+        same_run = {m: f": the same run as {run['same_as']}" for m, run in (report.get("methods") or {}).items()
+                    if run.get("same_as")}
         lines += [f"## Oracle pass rate, {split} prompts ({config['eval_prompts']} prompts at most, "
                   f"{config['eval_per_prompt']} images each alone; best {config['served_k']} of "
                   f"{config['served_per_prompt']} when served)", "",
@@ -89,7 +91,7 @@ def markdown(report: dict, plots: dict) -> str:
             lines.append(f"| {row} | {_f(r['overall'])} | " + " | ".join(_f(r.get(c)) for c in
                                                                           ("count", "color", "background",
                                                                            "combination"))
-                         + f" | {_f(fd, 4)} | {_f(div, 4)} | {meaning(row)} |")
+                         + f" | {_f(fd, 4)} | {_f(div, 4)} | {meaning(row)}{same_run.get(row, '')} |")
         lines.append("")
     if plots.get("pass_rates"):
         lines += [f"![pass rates]({plots['pass_rates']})", ""]
