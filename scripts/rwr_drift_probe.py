@@ -1,0 +1,99 @@
+"""Why reward-weighted likelihood makes the shapes-world generator worse: controls beside `bench finetune`'s RWR row.
+
+Same data and evaluation as `alignloop bench finetune` (8 base samples of each seen prompt, 3,000 rater votes at
+flip 0.1; unseen prompts, 4 seeded images each, 548 images, the same seeds for every row), each row a LoRA from the
+base with RwrConfig's defaults except what its name says:
+
+    renders_only   the β pre-training term alone (no model samples): does LoRA training itself hurt?
+    rwr_pw0        the sample term alone (β = 0)
+    rwr_tmin500    samples trained only at t >= 500, where the layout (and the count) is decided
+    rwr_roundtrip  sample latents re-encoded from the decoded images (posterior samples, as the base was trained)
+    rwr_uniform    every sample weight 1: the model's own samples with no reward at all
+    rwr_oracle     noise-free votes (the oracle's verdicts): the best reward the sample term could have
+    ppo_oracle     PPO (its defaults) with the oracle as the reward: is PPO's limit its reward or its recipe?
+
+Unvoted samples weigh 0 here (the bench gives them the learned reward; 344 of 3,344). About 50 minutes on 2 cores:
+
+    python scripts/rwr_drift_probe.py OUT [row,row,...]      # rows.jsonl and probe.json in OUT
+"""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignloop.machine import describe_machine
+from alignloop.models import load_clip, load_generator
+from alignloop.rewards import get_reward
+from alignloop.settings import home
+from alignloop.trainer.config import PpoConfig, RwrConfig
+from alignloop.trainer.finetune import LoraRun
+from alignloop.trainer.finetune_data import draw_samples, rater_votes, seen_prompts
+from alignloop.trainer.finetune_eval import evaluate_adapter
+from alignloop.trainer.ppo import default_rewards, train_ppo
+from alignloop.trainer.rwr import sample_weights, train_rwr
+from alignloop.world.train import to_tensor
+
+ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle")
+
+
+def renders_only(config, folder):
+    run = LoraRun(config, folder, progress=False)
+    for _ in run.steps():
+        loss = run.pretraining_loss()
+        run.update(loss, {"pretrain_loss": loss.item()})
+    return run
+
+
+def reencoded(pipe, samples):
+    """The samples with latents drawn from the VAE posterior of their decoded images."""
+    vae, latents = pipe.vae, []
+    with torch.no_grad():
+        for i in range(0, len(samples), 64):
+            posterior = vae.encode(to_tensor(samples.images[i:i + 64])).latent_dist
+            latents.append(posterior.sample() * vae.config.scaling_factor)
+    return dataclasses.replace(samples, latents=torch.cat(latents).numpy())
+
+
+def main(out: Path, rows) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    pipe = load_generator(device="cpu", dtype=torch.float32)
+    clip = load_clip(device="cpu")
+    samples = draw_samples(pipe, seen_prompts(), 8, 20, 5.0, 0, cache_dir=home() / "cache" / "finetune",
+                           progress=False)
+    votes = rater_votes(samples, flip=0.1, seed=0, count=3000)
+    weights = sample_weights(votes, None, RwrConfig())
+    ppo = PpoConfig(seed=0)
+    train = {
+        "renders_only": lambda f: renders_only(RwrConfig(seed=0), f),
+        "rwr_pw0": lambda f: train_rwr(RwrConfig(seed=0, pretrain_weight=0.0), samples, weights, f, False),
+        "rwr_tmin500": lambda f: train_rwr(RwrConfig(seed=0, sample_min_timestep=500), samples, weights, f, False),
+        "rwr_roundtrip": lambda f: train_rwr(RwrConfig(seed=0), reencoded(pipe, samples), weights, f, False),
+        "rwr_uniform": lambda f: train_rwr(RwrConfig(seed=0), samples, np.ones(len(samples)), f, False),
+        "rwr_oracle": lambda f: train_rwr(RwrConfig(seed=0), samples,
+                                          sample_weights(np.where(samples.passed, 1, -1), None, RwrConfig()), f, False),
+        "ppo_oracle": lambda f: train_ppo(ppo, seen_prompts(), default_rewards(get_reward("oracle"), ppo), f, False),
+    }
+    for name in rows:
+        t0 = time.monotonic()
+        the_pipe = pipe if name == "base" else train[name](out / name).pipe
+        t1 = time.monotonic()
+        result = evaluate_adapter(the_pipe, clip, "unseen", per_prompt=4, seed=0, progress=False)
+        row = {"name": name, "overall": result["overall"],
+               **{a: result["aspects"].get(a) for a in ("count", "color", "shape", "background")},
+               "fd": result["fidelity_fd"], "div": result["diversity"], "train_s": round(t1 - t0, 1)}
+        print(json.dumps(row), flush=True)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    rows_done = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    (out / "probe.json").write_text(json.dumps({"probe": "rwr_drift", "machine": describe_machine(),
+                                                "rows": rows_done}, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else ROWS)
