@@ -32,6 +32,7 @@ from alignloop.rewards import get_reward
 from alignloop.settings import home
 from alignloop.trainer.config import PpoConfig, RwrConfig
 from alignloop.trainer.finetune import LoraRun
+from alignloop.trainer.finetune_bench import ASPECTS
 from alignloop.trainer.finetune_data import draw_samples, rater_votes, seen_prompts
 from alignloop.trainer.finetune_eval import evaluate_adapter
 from alignloop.trainer.ppo import default_rewards, train_ppo
@@ -85,7 +86,7 @@ def main(out: Path, rows) -> None:
         t1 = time.monotonic()
         result = evaluate_adapter(the_pipe, clip, "unseen", per_prompt=4, seed=0, progress=False)
         row = {"name": name, "overall": result["overall"],
-               **{a: result["aspects"].get(a) for a in ("count", "color", "shape", "background")},
+               **{a: result["aspects"].get(a) for a in ASPECTS},
                "fd": result["fidelity_fd"], "div": result["diversity"], "train_s": round(t1 - t0, 1)}
         print(json.dumps(row), flush=True)
         with open(out / "rows.jsonl", "a") as f:

@@ -140,7 +140,7 @@ def test_the_nightly_finetune_stage_on_several_processes_launches_train_under_to
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(nightly.subprocess, "run", fake_run)
-    monkeypatch.setattr(nightly, "_method_config", lambda config, init, method="": KtoConfig(
+    monkeypatch.setattr(nightly, "method_config_for", lambda config, init, method="": KtoConfig(
         steps=2, batch_size=4, lr=3e-4, init_adapter=init))
     state = nightly.RunState(tmp_path / "run", {"stages": {"snapshot": {"folder": str(tmp_path / "snap")}}})
     config = NightlyConfig(method="kto", nproc_per_node=2, eval_prompts=3)

@@ -102,7 +102,8 @@ def _report(tmp_path):
                             "unseen_pass": 0.45, "replaced_seen_pass": 0.4, "replaced_unseen_pass": 0.4,
                             "worse": False}],
             "methods": {"kto": {"version": "v000001", "same_as": "candidate1",
-                                "metrics_jsonl": str(tmp_path / "none.jsonl")}}, "grids": {}, "checks": {"no_failed_request": True}, "goals": experiment_goals(split)}
+                                "metrics_jsonl": str(tmp_path / "none.jsonl")}},
+            "grids": {}, "checks": {"no_failed_request": True}, "goals": experiment_goals(split)}
 
 
 def experiment_goals(split):

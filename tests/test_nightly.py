@@ -30,7 +30,7 @@ def traffic(pipe, kafka_broker, kafka_topics, tmp_path, monkeypatch):
     from alignloop.generation import generate
     from alignloop.serving.handlers import encode_png
 
-    monkeypatch.setattr(nightly, "_method_config", _small_method)
+    monkeypatch.setattr(nightly, "method_config_for", _small_method)
     store = ImageStore(f"file://{tmp_path / 'images'}")
 
     def produce(first_seed: int, adapter: str = "base"):

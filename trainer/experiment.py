@@ -461,7 +461,8 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
             log(f"{method}: not trained, no reward model is live")
             continue
         fields = {"seed": config.seed, **({"steps": config.other_method_steps} if config.other_method_steps else {})}
-        same = cycle1_candidate_if_same_run(method, config_class(**fields), config, cycles[0])
+        method_config = config_class(**fields)
+        same = cycle1_candidate_if_same_run(method, method_config, config, cycles[0])
         if same:
             log(f"{method}: cycle 1's candidate {same} is this run (the same method, config and snapshot, from the "
                 f"base): not trained again")
@@ -469,7 +470,7 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
                             "metrics_jsonl": str(Path(cycles[0]["nightly_folder"]) / "finetune" / "metrics.jsonl")}
             continue
         t0 = time.monotonic()
-        report = finetune_from_snapshot(method, Path(snapshot), config_class(**fields), out=out / "methods" / method,
+        report = finetune_from_snapshot(method, Path(snapshot), method_config, out=out / "methods" / method,
                                         registry=str(home / "registry"), eval_prompts=1,
                                         progress=progress, log=log)
         runs[method] = {"version": report["published"], "seconds": round(time.monotonic() - t0, 1),
@@ -480,12 +481,12 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
 def cycle1_candidate_if_same_run(method: str, method_config, config: ExperimentConfig, cycle: dict) -> Optional[str]:
     """Cycle 1's candidate when its nightly fine-tune is the run `method_config` would make: the same method and
     config, from the base, on the same snapshot (training is seeded, so the adapter would be the same); else None."""
-    from alignloop.trainer.nightly import _method_config
+    from alignloop.trainer.nightly import method_config_for
 
     tuned = cycle["nightly_stages"].get("finetune") or {}
     if not cycle.get("candidate") or tuned.get("method") != method or tuned.get("init_adapter"):
         return None
-    return cycle["candidate"] if _method_config(nightly_config(config), "", method) == method_config else None
+    return cycle["candidate"] if method_config_for(nightly_config(config), "", method) == method_config else None
 
 
 def promotion_checks(result: dict, cycles: list) -> list:

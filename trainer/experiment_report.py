@@ -75,10 +75,10 @@ def markdown(report: dict, plots: dict) -> str:
               f"- as served (best {config['served_k']} of {config['served_per_prompt']} by the live reward) minus "
               f"base: {g['served_minus_base_unseen']:+.3f} (goal +{g['served_goal']:.2f}: "
               f"{'met' if g['served_met'] else 'not met'})", ""]
+    same_run = {m: f": the same run as {run['same_as']}" for m, run in (report.get("methods") or {}).items()
+                if run.get("same_as")}
     for split in ("unseen", "seen"):
         rows = report[split]
-        same_run = {m: f": the same run as {run['same_as']}" for m, run in (report.get("methods") or {}).items()
-                    if run.get("same_as")}
         lines += [f"## Oracle pass rate, {split} prompts ({config['eval_prompts']} prompts at most, "
                   f"{config['eval_per_prompt']} images each alone; best {config['served_k']} of "
                   f"{config['served_per_prompt']} when served)", "",

@@ -231,7 +231,7 @@ def stage_reward(state: RunState, store, registry_url, progress: bool, log) -> d
             "held_out_accuracy": report["metrics"].get("held_out_accuracy")}
 
 
-def _method_config(config: NightlyConfig, init_adapter: str, method: str = ""):
+def method_config_for(config: NightlyConfig, init_adapter: str, method: str = ""):
     from alignloop.trainer.config import METHOD_CONFIGS
 
     fields = {"init_adapter": init_adapter, **({"steps": config.steps} if config.steps else {})}
@@ -256,7 +256,7 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
         name = config.fallback_method
         log(f"{why}: tuning with {name} instead (--fallback-method)")
     snapshot, out = Path(state.done("snapshot")["folder"]), state.folder / "finetune"
-    method = _method_config(config, init, name)
+    method = method_config_for(config, init, name)
     if config.nproc_per_node > 1:
         report = finetune_under_torchrun(config, name, snapshot, method, out, registry_url, progress)
     else:
@@ -296,7 +296,7 @@ def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool
     from alignloop.trainer.finetune_job import adapter_active, evaluate_splits
 
     tuned = state.done("finetune")
-    method = _method_config(config, "", tuned.get("method", ""))  # the sampler the candidate was evaluated with
+    method = method_config_for(config, "", tuned.get("method", ""))  # the sampler the candidate was evaluated with
     pipe = load_generator(method.generator, device=method.device or None, dtype=torch.float32)
     clip = load_clip(device=method.device or None)
     with adapter_active(pipe, tuned["parent"], store):
@@ -319,7 +319,7 @@ def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
     data = {**tuned["data"], "nightly_run": state.run_id, "nightly_config": config.to_dict()}
     method = tuned.get("method", config.method)
     manifest = publish_trained(store, Path(tuned["adapter"]), method,
-                               _method_config(config, tuned["init_adapter"], method), metrics, data,
+                               method_config_for(config, tuned["init_adapter"], method), metrics, data,
                                why=f"nightly {state.run_id}: seen pass {evaluated['seen_pass']:.3f} vs parent "
                                    f"{tuned['parent']} {evaluated['parent_seen_pass']:.3f}",
                                parent=None if tuned["parent"] == "base" else tuned["parent"])
