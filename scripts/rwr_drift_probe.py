@@ -97,4 +97,10 @@ def main(out: Path, rows) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else ROWS)
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    chosen = sys.argv[2].split(",") if len(sys.argv) == 3 else ROWS
+    unknown = sorted(set(chosen) - set(ROWS))
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
+    main(Path(sys.argv[1]), chosen)
