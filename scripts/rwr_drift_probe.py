@@ -1,18 +1,22 @@
-"""Why reward-weighted likelihood makes the shapes-world generator worse: controls beside `bench finetune`'s RWR row.
+"""Why reward-weighted likelihood makes the shapes-world generator worse, and what limits PPO: controls beside
+`bench finetune`'s RWR and PPO rows.
 
 Same data and evaluation as `alignloop bench finetune` (8 base samples of each seen prompt, 3,000 rater votes at
 flip 0.1; unseen prompts, 4 seeded images each, 548 images, the same seeds for every row), each row a LoRA from the
-base with RwrConfig's defaults except what its name says:
+base with RwrConfig's (or PpoConfig's) defaults except what its name says:
 
-    renders_only   the β pre-training term alone (no model samples): does LoRA training itself hurt?
-    rwr_pw0        the sample term alone (β = 0)
-    rwr_tmin500    samples trained only at t >= 500, where the layout (and the count) is decided
-    rwr_roundtrip  sample latents re-encoded from the decoded images (posterior samples, as the base was trained)
-    rwr_uniform    every sample weight 1: the model's own samples with no reward at all
-    rwr_oracle     noise-free votes (the oracle's verdicts): the best reward the sample term could have
-    ppo_oracle     PPO (its defaults) with the oracle as the reward: is PPO's limit its reward or its recipe?
+    renders_only       the β pre-training term alone (no model samples): does LoRA training itself hurt?
+    rwr_pw0            the sample term alone (β = 0)
+    rwr_tmin500        samples trained only at t >= 500, where the layout (and the count) is decided
+    rwr_roundtrip      sample latents re-encoded from the decoded images (posterior samples, as the base was trained)
+    rwr_uniform        every sample weight 1: the model's own samples with no reward at all
+    rwr_oracle         noise-free votes (the oracle's verdicts): the best reward the sample term could have
+    ppo_oracle         PPO (its defaults) with the oracle as the reward: is PPO's limit its reward or its recipe?
+    ppo_oracle_lr1e3   the same at lr 1e-3 (its default 3e-4): does PPO move further with larger steps?
+    ppo_oracle_pw01    the same with β = 0.1 (its default 0.5): a larger share of each Adam step for the policy
 
-Unvoted samples weigh 0 here (the bench gives them the learned reward; 344 of 3,344). About 50 minutes on 2 cores:
+Unvoted samples weigh 0 here (the bench gives them the learned reward; 344 of 3,344). About 50 minutes on 2 cores
+for the first eight rows, 15 more for each PPO variant:
 
     python scripts/rwr_drift_probe.py OUT [row,row,...]      # rows.jsonl and probe.json in OUT
 """
@@ -39,7 +43,8 @@ from alignloop.trainer.ppo import default_rewards, train_ppo
 from alignloop.trainer.rwr import sample_weights, train_rwr
 from alignloop.world.train import to_tensor
 
-ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle")
+ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle",
+        "ppo_oracle_lr1e3", "ppo_oracle_pw01")
 
 
 def renders_only(config, folder):
@@ -48,6 +53,10 @@ def renders_only(config, folder):
         loss = run.pretraining_loss()
         run.update(loss, {"pretrain_loss": loss.item()})
     return run
+
+
+def oracle_ppo(config, folder):
+    return train_ppo(config, seen_prompts(), default_rewards(get_reward("oracle"), config), folder, False)
 
 
 def reencoded(pipe, samples):
@@ -78,7 +87,9 @@ def main(out: Path, rows) -> None:
         "rwr_uniform": lambda f: train_rwr(RwrConfig(seed=0), samples, np.ones(len(samples)), f, False),
         "rwr_oracle": lambda f: train_rwr(RwrConfig(seed=0), samples,
                                           sample_weights(np.where(samples.passed, 1, -1), None, RwrConfig()), f, False),
-        "ppo_oracle": lambda f: train_ppo(ppo, seen_prompts(), default_rewards(get_reward("oracle"), ppo), f, False),
+        "ppo_oracle": lambda f: oracle_ppo(ppo, f),
+        "ppo_oracle_lr1e3": lambda f: oracle_ppo(dataclasses.replace(ppo, lr=1e-3), f),
+        "ppo_oracle_pw01": lambda f: oracle_ppo(dataclasses.replace(ppo, pretrain_weight=0.1), f),
     }
     for name in rows:
         t0 = time.monotonic()
