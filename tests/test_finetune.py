@@ -3,6 +3,7 @@ adapter it writes, resuming, and the errors for bad input. The benchmark (`align
 much they learn; these only show that the signal reaches the weights in the intended direction."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -169,6 +170,22 @@ def test_refl_raises_the_reward_of_the_predicted_image(tmp_path):
     rewards = [json.loads(line)["reward"] for line in (tmp_path / "refl" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(rewards[-4:]) > np.mean(rewards[:4])
 
+
+def test_the_differentiable_reward_without_a_head_is_the_clip_score_serving_ranks_by():
+    from alignloop.models import load_clip
+    from alignloop.rewards import get_reward
+    from alignloop.trainer.refl import DifferentiableReward
+    from alignloop.world.render import render_batch
+
+    prompts = seen_prompts()[:6]
+    renders, _ = render_batch(prompts, random.Random(0))
+    pixels = torch.tensor(renders).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    texts = [p.text for p in prompts]
+    scores = DifferentiableReward(load_clip(device="cpu"))(pixels, texts)
+    served, _ = get_reward("clip")(renders, texts)
+    np.testing.assert_allclose(scores.detach().numpy(), served.numpy(), atol=1e-4)
+    scores.sum().backward()
+    assert pixels.grad.abs().sum() > 0
 
 # -- the run's bookkeeping ------------------------------------------------------------------------------------
 

@@ -54,16 +54,16 @@ def diversity(embeddings: np.ndarray, per_prompt: int) -> float:
 
 def evaluate_adapter(pipe, clip, split_name: str = "unseen", per_prompt: int = 4, steps: int = 20,
                      guidance: float = 5.0, seed: int = 0, max_prompts: Optional[int] = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, eta: float = 0.0) -> dict:
     """The pipeline as it is now (its active adapter, if any): oracle pass rates, fidelity and diversity."""
     if per_prompt < 2:
         raise ValueError(f"per_prompt must be >= 2 to measure diversity, got {per_prompt}")
     prompts, _, images = draw_split_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
-                                           progress=progress)
+                                           progress=progress, eta=eta)
     report = image_metrics(clip, split_name, prompts, images, [judge(im, p) for im, p in zip(images, prompts)],
                            per_prompt, seed)
     report.update(split=split_name, prompts=len(prompts) // per_prompt, per_prompt=per_prompt, steps=steps,
-                  guidance=guidance, seed=seed)
+                  guidance=guidance, seed=seed, eta=eta)
     return report
 
 

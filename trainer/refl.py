@@ -24,15 +24,17 @@ from alignloop.trainer.finetune import LoraRun
 
 
 class DifferentiableReward:
-    """The learned reward as a function of pixels with gradients: the scorer's own graph (CLIP's image tower,
-    normalized as its preprocessing does, and the head) on images [B, 3, H, W] in [0, 1], one prompt each."""
+    """The live reward as a function of pixels with gradients: the scorer's own graph (CLIP's image tower,
+    normalized as its preprocessing does, and the head; with head=None the CLIP score, what serving ranks by
+    until a head is live) on images [B, 3, H, W] in [0, 1], one prompt each."""
 
-    def __init__(self, clip, head):
+    def __init__(self, clip, head=None):
         from alignloop.kernels.onnx_scorer import ScorerGraph
         from alignloop.rewards.scorer import clip_normalization
 
         self.clip = clip
-        self.graph = ScorerGraph(clip.model, *clip_normalization(clip), head.float().eval()).to(clip.device)
+        head = None if head is None else head.float().eval()
+        self.graph = ScorerGraph(clip.model, *clip_normalization(clip), head).to(clip.device)
         self.graph.requires_grad_(False)  # gradients reach the pixels, never CLIP or the head
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

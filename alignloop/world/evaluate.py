@@ -57,9 +57,10 @@ def summarize(prompts, verdicts) -> dict:
 
 
 def draw_split_images(pipe, split_name: str, per_prompt: int, steps: int, guidance: float, seed: int,
-                      max_prompts: int = None, batch_size: int = 32, progress: bool = True):
+                      max_prompts: int = None, batch_size: int = 32, progress: bool = True, eta: float = 0.0):
     """(prompts, seeds, images uint8 [N, H, W, 3]): `per_prompt` images of each prompt of a split (a seeded sample of
-    `max_prompts` of them when given), image j of a prompt drawn from image_seed(seed, prompt index, j)."""
+    `max_prompts` of them when given), image j of a prompt drawn from image_seed(seed, prompt index, j). eta: DDIM's
+    noise (0, deterministic, is what serving draws; PPO's policy is the eta > 0 sampler it was trained with)."""
     prompts = list(split(split_name))
     if max_prompts:
         prompts = random.Random(seed).sample(prompts, min(max_prompts, len(prompts)))
@@ -69,7 +70,7 @@ def draw_split_images(pipe, split_name: str, per_prompt: int, steps: int, guidan
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {split_name}", disable=not progress):
         chunk = jobs[start:start + batch_size]
         images.append(generate(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance,
-                               output_type="uint8"))
+                               output_type="uint8", eta=eta))
     return [p for p, _ in jobs], [s for _, s in jobs], np.concatenate(images)
 
 
