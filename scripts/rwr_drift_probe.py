@@ -14,6 +14,8 @@ base with RwrConfig's (or PpoConfig's) defaults except what its name says:
     ppo_oracle         PPO (its defaults) with the oracle as the reward: is PPO's limit its reward or its recipe?
     ppo_oracle_lr1e3   the same at lr 1e-3 (its default 3e-4): does PPO move further with larger steps?
     ppo_oracle_pw01    the same with β = 0.1 (its default 0.5): a larger share of each Adam step for the policy
+    rwr_eta1           RWR on base samples drawn with DDIM η = 1 (rated by the rater the same way): does fitting the
+                       deterministic sampler's outputs cause the drift?
     refl_clip          ReFL (its defaults) on the CLIP score, α = 3 (its spread within a prompt is about a third of
                        the learned head's): what serving ranks by while the learned head loses to it
 
@@ -53,7 +55,7 @@ from alignloop.trainer.rwr import sample_weights, train_rwr
 from alignloop.world.train import to_tensor
 
 ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle",
-        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "refl_clip")
+        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "rwr_eta1", "refl_clip")
 
 
 def renders_only(config, folder):
@@ -85,12 +87,12 @@ def main(out: Path, rows, evaluations) -> None:
     clip = load_clip(device="cpu")
 
     @functools.cache  # only the RWR rows need the base samples (minutes to draw)
-    def samples():
+    def samples(eta=0.0):
         return draw_samples(pipe, seen_prompts(), 8, 20, 5.0, 0, cache_dir=home() / "cache" / "finetune",
-                            progress=False)
+                            progress=False, eta=eta)
 
-    def weights():
-        return sample_weights(rater_votes(samples(), flip=0.1, seed=0, count=3000), None, RwrConfig())
+    def weights(eta=0.0):
+        return sample_weights(rater_votes(samples(eta), flip=0.1, seed=0, count=3000), None, RwrConfig())
 
     ppo = PpoConfig(seed=0)
     train = {
@@ -105,6 +107,7 @@ def main(out: Path, rows, evaluations) -> None:
         "ppo_oracle": lambda f: oracle_ppo(ppo, f),
         "ppo_oracle_lr1e3": lambda f: oracle_ppo(dataclasses.replace(ppo, lr=1e-3), f),
         "ppo_oracle_pw01": lambda f: oracle_ppo(dataclasses.replace(ppo, pretrain_weight=0.1), f),
+        "rwr_eta1": lambda f: train_rwr(RwrConfig(seed=0), samples(1.0), weights(1.0), f, False),
         "refl_clip": lambda f: train_refl(ReflConfig(seed=0, reward_weight=3.0), seen_prompts(),
                                           DifferentiableReward(clip), f, False),
     }

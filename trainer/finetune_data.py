@@ -47,7 +47,8 @@ def check_seen(prompts: Sequence) -> None:
 
 @torch.no_grad()
 def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance: float, seed: int,
-                 batch_size: int = 32, cache_dir: Optional[Path] = None, progress: bool = True) -> Samples:
+                 batch_size: int = 32, cache_dir: Optional[Path] = None, progress: bool = True,
+                 eta: float = 0.0) -> Samples:
     """`per_prompt` base samples of each prompt with their final latents; seeded per image as `world eval` is.
     With `cache_dir`, kept in a file named by what determines them (generator weights, prompts, settings)."""
     check_seen(prompts)
@@ -55,8 +56,9 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
     jobs = [(p, image_seed(seed, index[p], j)) for p in prompts for j in range(per_prompt)]
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha256(repr((_weights_digest(pipe.unet), [p.text for p in prompts], per_prompt, steps, guidance,
-                                   seed)).encode()).hexdigest()[:16]
+        settings = (per_prompt, steps, guidance, seed) + ((eta,) if eta else ())  # eta 0 keeps the older files' names
+        key = hashlib.sha256(repr((_weights_digest(pipe.unet), [p.text for p in prompts], *settings)).encode()
+                             ).hexdigest()[:16]
         cache = Path(cache_dir) / f"samples-{key}.npz"
         if cache.is_file():
             data = np.load(cache)
@@ -64,7 +66,7 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
     latents, images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="base samples", disable=not progress):
         chunk = jobs[start:start + batch_size]
-        z, x = sample_latents(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance)
+        z, x = sample_latents(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance, eta)
         latents.append(z.float().cpu().numpy())
         images.append(x)
     samples = Samples([p for p, _ in jobs], np.array([s for _, s in jobs], dtype=np.int64),
@@ -78,13 +80,13 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
     return samples
 
 
-def sample_latents(pipe, texts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float):
+def sample_latents(pipe, texts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, eta: float = 0.0):
     """(final latents [B, C, h, w], images uint8 [B, H, W, 3]): alignloop.generation's path, latents kept."""
     from alignloop.generation import generate
     from alignloop.rewards.images import to_uint8
     from alignloop.trainer.rollout import decode_images
 
-    latents = generate(pipe, texts, seeds, steps, guidance, output_type="latent")
+    latents = generate(pipe, texts, seeds, steps, guidance, output_type="latent", eta=eta)
     return latents, to_uint8(decode_images(pipe, latents))
 
 
