@@ -16,8 +16,10 @@ base with RwrConfig's (or PpoConfig's) defaults except what its name says:
     ppo_oracle_pw01    the same with β = 0.1 (its default 0.5): a larger share of each Adam step for the policy
     rwr_eta1           RWR on base samples drawn with DDIM η = 1 (rated by the rater the same way): does fitting the
                        deterministic sampler's outputs cause the drift?
-    refl_clip          ReFL (its defaults) on the CLIP score, α = 3 (its spread within a prompt is about a third of
-                       the learned head's): what serving ranks by while the learned head loses to it
+    refl_clip          ReFL (its defaults) on the CLIP score (α = clip_reward_weight, 3): what serving ranks by while
+                       the learned head loses to it
+    refl_clip_half     the same with the step drawn from the last half of the trajectory (default: last quarter):
+                       the layout, and so the count, is decided early, where the last quarter's gradient cannot reach
 
 Unvoted samples weigh 0 here (the bench gives them the learned reward; 344 of 3,344). About 50 minutes on 2 cores
 for the first eight rows, 15 more for each PPO variant:
@@ -55,7 +57,7 @@ from alignloop.trainer.rwr import sample_weights, train_rwr
 from alignloop.world.train import to_tensor
 
 ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle",
-        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "rwr_eta1", "refl_clip")
+        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "rwr_eta1", "refl_clip", "refl_clip_half")
 
 
 def renders_only(config, folder):
@@ -108,8 +110,9 @@ def main(out: Path, rows, evaluations) -> None:
         "ppo_oracle_lr1e3": lambda f: oracle_ppo(dataclasses.replace(ppo, lr=1e-3), f),
         "ppo_oracle_pw01": lambda f: oracle_ppo(dataclasses.replace(ppo, pretrain_weight=0.1), f),
         "rwr_eta1": lambda f: train_rwr(RwrConfig(seed=0), samples(1.0), weights(1.0), f, False),
-        "refl_clip": lambda f: train_refl(ReflConfig(seed=0, reward_weight=3.0), seen_prompts(),
-                                          DifferentiableReward(clip), f, False),
+        "refl_clip": lambda f: train_refl(ReflConfig(seed=0), seen_prompts(), DifferentiableReward(clip), f, False),
+        "refl_clip_half": lambda f: train_refl(ReflConfig(seed=0, last_fraction=0.5), seen_prompts(),
+                                               DifferentiableReward(clip), f, False),
     }
     for name in rows:
         t0 = time.monotonic()

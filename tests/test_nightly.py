@@ -3,6 +3,7 @@ state, publishes exactly one candidate when started again; a second run while on
 it and exits 3; a run with nothing new publishes nothing."""
 
 import json
+import shutil
 import uuid
 
 import pytest
@@ -194,12 +195,13 @@ def test_an_unreachable_broker_is_a_one_line_error_and_the_run_can_resume(tmp_pa
     assert state.data["stages"] == {} and "outcome" not in state.data  # nothing done, resumed next time
 
 
-def test_without_a_live_reward_model_refl_tunes_with_the_fallback_or_fails_when_there_is_none(traffic):
+def test_without_a_live_reward_model_refl_optimizes_the_clip_score_or_the_fallback_tunes(traffic, monkeypatch):
     """The reward stage's gate can keep the new head a candidate (it must beat the CLIP score first): a method that
-    optimizes the live reward then has none, and the night tunes with the fallback (KTO, from the thumbs alone)."""
+    optimizes the live reward then optimizes what serving ranks by, the CLIP score; a fallback method named in the
+    config (KTO, from the thumbs alone) tunes instead."""
     from alignloop.registry import Registry
+    from alignloop.trainer.config import ReflConfig
 
-    config = NightlyConfig(method="refl", eval_prompts=1)
     _run(traffic, stop_after="snapshot")  # a run with its snapshot, resumed below as the reward stage left it
     state = nightly.open_run(traffic["home"] / "nightly", NightlyConfig(method="kto", eval_prompts=1), abandon=False,
                              log=lambda *a: None)
@@ -207,9 +209,20 @@ def test_without_a_live_reward_model_refl_tunes_with_the_fallback_or_fails_when_
     registry = Registry(traffic["registry"])
     assert registry.live("reward") is None
     logged = []
-    result = nightly.stage_finetune(state, config, registry, traffic["registry"], False, logged.append)
+    result = nightly.stage_finetune(state, NightlyConfig(method="refl", fallback_method="kto", eval_prompts=1),
+                                    registry, traffic["registry"], False, logged.append)
     assert result["method"] == "kto" and "kept as candidate (test)" in result["fallback_because"]
-    assert any("tuning with kto instead" in line for line in logged)
-    with pytest.raises(nightly.UserFacingError, match="refl optimizes the live reward model and none is live"):
-        nightly.stage_finetune(state, NightlyConfig(method="refl", fallback_method=""), registry, traffic["registry"],
-                               False, logged.append)
+    assert any("tuning with kto instead of refl" in line for line in logged)
+
+    def small(config, init_adapter, method=""):
+        if (method or config.method) != "refl":
+            return _small_method(config, init_adapter, method)
+        return ReflConfig(steps=2, batch_size=4, sample_steps=STEPS, init_adapter=init_adapter)
+
+    monkeypatch.setattr(nightly, "method_config_for", small)
+    shutil.rmtree(state.folder / "finetune")  # the KTO run's: another config is refused there
+    result = nightly.stage_finetune(state, NightlyConfig(method="refl", eval_prompts=1), registry,
+                                    traffic["registry"], False, logged.append)
+    assert result["method"] == "refl" and result["reward"] == "clip" and "fallback_because" not in result
+    assert result["data"]["reward_model"] == "clip"
+    assert any("refl optimizes the CLIP score" in line for line in logged)

@@ -178,7 +178,10 @@ class ReflConfig(FinetuneConfig):
     steps: int = 150
     batch_size: int = 16
     eta: float = 1.0  # the trajectory's DDIM noise; the KL is between the step's Gaussians, so σ_t > 0
-    reward_weight: float = 1.0  # α
+    reward_weight: float = 1.0  # α, on the learned head's reward (in (0, 1))
+    # α when the reward is the CLIP score (no head live): its gap between a prompt's passing and failing images is
+    # a few hundredths to a tenth or two of a cosine; at 3 ReFL on it passed unseen prompts as on the head (0.513)
+    clip_reward_weight: float = 3.0
     kl_weight: float = 0.01  # β_KL; the KL is ‖μ_θ − μ_base‖² / 2σ², a mean over latent dimensions
     last_fraction: float = 0.25  # the step is drawn from this last share of the trajectory
     pretrain_weight: float = 0.0  # the KL term is this method's anchor; add renders too if wanted
@@ -189,9 +192,10 @@ class NightlyConfig:
     """What a nightly run does; saved in its state and in the candidate's manifest."""
 
     method: str = "refl"  # rwr | ppo | refl | kto: ReFL passed unseen prompts best in `bench finetune` (0.513)
-    # The method when `method` optimizes the live reward model (ppo, refl) and the reward stage left none live (its
-    # gate kept the new head a candidate): KTO learns from the thumbs alone. "" = the run fails instead
-    fallback_method: str = "kto"
+    fallback_method: str = dataclasses.field(default="", metadata={"help": (
+        "ppo and refl optimize the live reward: the live head, or the CLIP score (what serving ranks by) while the "
+        "reward stage's gate has left no head live; a method named here (kto: the thumbs alone, or rwr) tunes "
+        "instead then")})
     steps: int = 0  # optimizer steps of the method; 0 = the method's default
     canary_share: float = 0.1  # share of users arm B (the candidate) gets, in (0, 1)
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
@@ -208,7 +212,7 @@ class NightlyConfig:
         allowed = [m for m in METHOD_CONFIGS if m not in NEEDS_LIVE_REWARD]
         if self.fallback_method not in ("", *allowed):
             raise ValueError(f"fallback_method must be {', '.join(allowed)} (methods that need no reward model) or "
-                             f"'', got {self.fallback_method!r}")
+                             f"'' (optimize the CLIP score), got {self.fallback_method!r}")
         if not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
             raise ValueError(f"nproc_per_node must be an integer >= 1, got {self.nproc_per_node!r}")
         if self.nproc_per_node > 1 and not METHOD_CONFIGS[self.method].data_parallel:

@@ -458,8 +458,7 @@ def train_other_methods(config: ExperimentConfig, cycles: list, home: Path, out:
     runs = {}
     for method, config_class in METHOD_CONFIGS.items():
         if method in NEEDS_LIVE_REWARD and registry.live(REWARD_KIND) is None:
-            log(f"{method}: not trained, no reward model is live")
-            continue
+            log(f"{method}: no reward model is live, it optimizes the CLIP score")
         fields = {"seed": config.seed, **({"steps": config.other_method_steps} if config.other_method_steps else {})}
         method_config = config_class(**fields)
         same = cycle1_candidate_if_same_run(method, method_config, config, cycles[0])

@@ -192,10 +192,16 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
         from alignloop.rewards import get_reward
         from alignloop.rewards.functions import head_from_registry
         from alignloop.rewards.scorer import load_head_for
+        from alignloop.trainer.reward_model import REWARD_KIND
 
-        path, manifest = head_from_registry(registry, reward_version)
-        head, reward_source = load_head_for(path, clip), manifest.version
-        learned = get_reward("learned", head=head, clip=clip)
+        if method in ("ppo", "refl") and reward_version is None and store.live(REWARD_KIND) is None:
+            # What serving ranks by while no head is live (the reward gate keeps a head that loses to it)
+            learned, reward_source = get_reward("clip", clip=clip), "clip"
+            log("no reward model is live: optimizing the CLIP score, what serving ranks by")
+        else:
+            path, manifest = head_from_registry(registry, reward_version)
+            head, reward_source = load_head_for(path, clip), manifest.version
+            learned = get_reward("learned", head=head, clip=clip)
     run = train_method(method, config, samples, votes, learned, None, clip, head, out, progress)
 
     # 3. Evaluate, save, publish: rank 0 (the other ranks wait in finish() and are done)

@@ -249,12 +249,12 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
     init = str(store.fetch("adapter", live.version)) if live else ""
     name, why = config.method, None
     if name in NEEDS_LIVE_REWARD and store.live(REWARD_KIND) is None:
-        why = (f"{name} optimizes the live reward model and none is live (the reward stage said: "
-               f"{state.done('reward')['reason']})")
-        if not config.fallback_method:
-            raise UserFacingError(f"{why}; collect more votes, or use --method kto")
-        name = config.fallback_method
-        log(f"{why}: tuning with {name} instead (--fallback-method)")
+        why = (f"no reward model is live (the reward stage said: {state.done('reward')['reason']})")
+        if config.fallback_method:
+            name = config.fallback_method
+            log(f"{why}: tuning with {name} instead of {config.method} (--fallback-method)")
+        else:
+            log(f"{why}: {name} optimizes the CLIP score, what serving ranks by")
     snapshot, out = Path(state.done("snapshot")["folder"]), state.folder / "finetune"
     method = method_config_for(config, init, name)
     if config.nproc_per_node > 1:
@@ -264,6 +264,7 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
                                         publish=False, eval_prompts=config.eval_prompts, progress=progress, log=log)
     return {"adapter": report["adapter"], "parent": parent, "init_adapter": init, "method": name,
             **({"fallback_because": why} if name != config.method else {}),
+            **({"reward": "clip", "reward_because": why} if why and name == config.method else {}),
             "candidate_metrics": report["metrics"], "data": report["data"]}
 
 

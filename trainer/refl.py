@@ -33,6 +33,7 @@ class DifferentiableReward:
         from alignloop.rewards.scorer import clip_normalization
 
         self.clip = clip
+        self.is_clip_score = head is None
         head = None if head is None else head.float().eval()
         self.graph = ScorerGraph(clip.model, *clip_normalization(clip), head).to(clip.device)
         self.graph.requires_grad_(False)  # gradients reach the pixels, never CLIP or the head
@@ -84,7 +85,8 @@ def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableRewa
         kl = ((mean - base_mean) ** 2 / (2 * std ** 2)).mean()
         # 4. The objective
         pretrain_loss = run.pretraining_loss()
-        loss = -config.reward_weight * score + config.kl_weight * kl + config.pretrain_weight * pretrain_loss
+        alpha = config.clip_reward_weight if reward.is_clip_score else config.reward_weight
+        loss = -alpha * score + config.kl_weight * kl + config.pretrain_weight * pretrain_loss
         run.update(loss, {"reward": score.item(), "kl": kl.item(), "pretrain_loss": pretrain_loss.item(),
                           "step_index": index})
     return run
