@@ -111,11 +111,11 @@ def markdown(report: dict, plots: dict) -> str:
         lines.append(f"- cycle {cycle['cycle']}: traffic {cycle['traffic_seconds']:.0f} s, nightly "
                      f"{cycle['nightly_seconds']:.0f} s ({cycle['nightly_outcome']}), candidate {cycle['candidate']}, "
                      f"live {cycle['live_before']} -> {cycle['live_after']}")
-        method = (cycle["nightly_stages"].get("finetune") or {}).get("method")
-        if method:
-            lines.append(f"  - tuned with {method}" + (f" ({cycle['nightly_stages']['finetune']['fallback_because']})"
-                                                       if "fallback_because" in cycle["nightly_stages"]["finetune"]
-                                                       else ""))
+        tuned = cycle["nightly_stages"].get("finetune") or {}
+        if tuned.get("method"):
+            why = (f" ({tuned['fallback_because']})" if "fallback_because" in tuned else
+                   f" on the CLIP score ({tuned['reward_because']})" if "reward_because" in tuned else "")
+            lines.append(f"  - tuned with {tuned['method']}{why}")
         for arm, stats in (cycle.get("thumbs") or {}).items():
             lines.append(f"  - the day's traffic, arm {arm}: {stats['votes']} votes, thumbs-up {stats['up_rate']:.3f}, "
                          f"oracle {stats['oracle_pass_rate']:.3f}")
