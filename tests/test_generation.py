@@ -62,6 +62,18 @@ def test_world_eval_and_generate_agree_for_the_same_seed(pipe, monkeypatch):
                           again[:1])
 
 
+def test_world_eval_draws_with_the_eta_it_is_given(pipe):
+    from alignloop.world import evaluate
+
+    draw = lambda eta: evaluate.draw_split_images(pipe, "unseen", 2, STEPS, GUIDANCE, 0, max_prompts=1,  # noqa: E731
+                                                  progress=False, eta=eta)
+    prompts, seeds, deterministic = draw(0.0)
+    _, _, noisy = draw(1.0)
+    assert np.array_equal(noisy, generate(pipe, [p.text for p in prompts], seeds, STEPS, GUIDANCE,
+                                          output_type="uint8", eta=1.0))
+    assert not np.array_equal(noisy, deterministic)
+
+
 def test_generate_command_writes_the_images_generate_draws(pipe, tmp_path, capsys):
     from alignloop.generate_cli import _generate
 

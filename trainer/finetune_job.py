@@ -192,9 +192,10 @@ def finetune_from_snapshot(method: str, snapshot: Path, config, out: Optional[Pa
         from alignloop.rewards import get_reward
         from alignloop.rewards.functions import head_from_registry
         from alignloop.rewards.scorer import load_head_for
+        from alignloop.trainer.config import NEEDS_LIVE_REWARD
         from alignloop.trainer.reward_model import REWARD_KIND
 
-        if method in ("ppo", "refl") and reward_version is None and store.live(REWARD_KIND) is None:
+        if method in NEEDS_LIVE_REWARD and reward_version is None and store.live(REWARD_KIND) is None:
             # What serving ranks by while no head is live (the reward gate keeps a head that loses to it)
             learned, reward_source = get_reward("clip", clip=clip), "clip"
             log("no reward model is live: optimizing the CLIP score, what serving ranks by")

@@ -264,7 +264,6 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
                                         publish=False, eval_prompts=config.eval_prompts, progress=progress, log=log)
     return {"adapter": report["adapter"], "parent": parent, "init_adapter": init, "method": name,
             **({"fallback_because": why} if name != config.method else {}),
-            **({"reward": "clip", "reward_because": why} if why and name == config.method else {}),
             "candidate_metrics": report["metrics"], "data": report["data"]}
 
 

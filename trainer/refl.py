@@ -33,10 +33,13 @@ class DifferentiableReward:
         from alignloop.rewards.scorer import clip_normalization
 
         self.clip = clip
-        self.is_clip_score = head is None
         head = None if head is None else head.float().eval()
         self.graph = ScorerGraph(clip.model, *clip_normalization(clip), head).to(clip.device)
         self.graph.requires_grad_(False)  # gradients reach the pixels, never CLIP or the head
+
+    @property
+    def is_clip_score(self) -> bool:
+        return self.graph.head is None
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         size = self.clip.image_size
