@@ -86,7 +86,8 @@ def _report(tmp_path):
              "canary_thumbs": {"A base": {"votes": 20, "up_rate": 0.6, "oracle_pass_rate": 0.5}},
              "reward_version": "v000001", "reward_state": "live"}
     quiet_night = {**cycle, "cycle": 2, "live_before": "v000001", "promoted": False, "guardrail": [],
-                   "nightly_stages": {"publish": {"end": ["published", "candidate v000002 is worse: no canary opened"]}}}
+                   "nightly_stages": {"finetune": {"method": "refl", "reward_model": "clip"},
+                                      "publish": {"end": ["published", "candidate v000002 is worse: no canary opened"]}}}
     return {"quick": True, "seed": 0, "date": "2026-12-03 00:00 UTC", "seconds": 300.0, "machine": {"cpu_count": 2},
             "config": ExperimentConfig(**QUICK_EXPERIMENT).to_dict(), "seen": split, "unseen": split,
             "fidelity": {"seen": {r: 0.01 for r in rows}, "unseen": {r: 0.02 for r in rows}},
@@ -125,6 +126,7 @@ def test_the_report_has_every_row_its_plots_and_the_goals_as_measured(tmp_path):
     assert "+0.200 (goal +0.30: not met)" in text
     assert "after 8 canary requests: promote: B better" in text
     assert "the nightly job: candidate v000002 is worse: no canary opened" in text  # why cycle 2 had no canary
+    assert "tuned with refl on the CLIP score (no reward model was live)" in text and "tuned with kto\n" in text
     assert "Diffusion-KTO adapter (cycle 1's snapshot, from the base): the same run as candidate1 |" in text
     for png in ("pass-rates.png", "categories-unseen.png", "guardrail.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text

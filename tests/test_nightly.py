@@ -223,5 +223,5 @@ def test_without_a_live_reward_model_refl_optimizes_the_clip_score_or_the_fallba
     shutil.rmtree(state.folder / "finetune")  # the KTO run's: another config is refused there
     result = nightly.stage_finetune(state, NightlyConfig(method="refl", eval_prompts=1), registry,
                                     traffic["registry"], False, logged.append)
-    assert result["method"] == "refl" and result["data"]["reward_model"] == "clip" and "fallback_because" not in result
+    assert result["method"] == "refl" and result["reward_model"] == "clip" and "fallback_because" not in result
     assert any("refl optimizes the CLIP score" in line for line in logged)

@@ -113,9 +113,8 @@ def markdown(report: dict, plots: dict) -> str:
                      f"live {cycle['live_before']} -> {cycle['live_after']}")
         tuned = cycle["nightly_stages"].get("finetune") or {}
         if tuned.get("method"):
-            on_clip = (tuned.get("data") or {}).get("reward_model") == "clip"  # the job's record of what it optimized
             why = (f" ({tuned['fallback_because']})" if "fallback_because" in tuned else
-                   " on the CLIP score (no reward model was live)" if on_clip else "")
+                   " on the CLIP score (no reward model was live)" if tuned.get("reward_model") == "clip" else "")
             lines.append(f"  - tuned with {tuned['method']}{why}")
         for arm, stats in (cycle.get("thumbs") or {}).items():
             lines.append(f"  - the day's traffic, arm {arm}: {stats['votes']} votes, thumbs-up {stats['up_rate']:.3f}, "

@@ -264,6 +264,7 @@ def stage_finetune(state: RunState, config: NightlyConfig, store, registry_url, 
                                         publish=False, eval_prompts=config.eval_prompts, progress=progress, log=log)
     return {"adapter": report["adapter"], "parent": parent, "init_adapter": init, "method": name,
             **({"fallback_because": why} if name != config.method else {}),
+            "reward_model": report["data"]["reward_model"],  # what it optimized: a head's version, "clip" or None
             "candidate_metrics": report["metrics"], "data": report["data"]}
 
 
