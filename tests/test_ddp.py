@@ -135,7 +135,7 @@ def test_the_nightly_finetune_stage_on_several_processes_launches_train_under_to
     def fake_run(command):
         launched.append(command)
         (tmp_path / "run" / "finetune").mkdir(parents=True)
-        report = {"adapter": "A", "metrics": {"seen_pass": 0.5}, "data": {"votes": 8}}
+        report = {"adapter": "A", "metrics": {"seen_pass": 0.5}, "data": {"votes": 8, "reward_model": None}}
         (tmp_path / "run" / "finetune" / "report.json").write_text(json.dumps(report))
         return subprocess.CompletedProcess(command, 0)
 
@@ -146,6 +146,7 @@ def test_the_nightly_finetune_stage_on_several_processes_launches_train_under_to
     config = NightlyConfig(method="kto", nproc_per_node=2, eval_prompts=3)
     result = nightly.stage_finetune(state, config, Registry(tmp_path / "registry"), None, False, print)
     assert result["adapter"] == "A" and result["candidate_metrics"] == {"seen_pass": 0.5} and result["parent"] == "base"
+    assert result["reward_model"] is None  # the run's own word on what it optimized, read back from its report
 
     (command,) = launched
     alignloop_args = command[command.index("alignloop") + 1:]
