@@ -315,3 +315,9 @@ def test_quick_reward_benchmark_prints_every_figure_as_json():
     assert all(bias[p]["votes"] <= 4 * requests for p in ("top4_only", "explore_0.25", "explore_1.0"))
     assert bias["all_votes"]["votes"] == 16 * requests
     assert 0 <= report["generalization_probe"]["other_prompts"] <= 1
+    by_failure = {kind: row for kind, row in report["accuracy_by_failure"].items() if kind != "means"}
+    assert sum(row["images"] for row in by_failure.values()) == round(
+        (1 - report["eval_pass_rate"]) * report["settings"]["eval_prompts"] * 16)  # every failing image, once
+    tower = report["generalization_probe"]["tuned_image_tower"]  # one epoch in the quick variant
+    assert len(tower["votes_by_epoch"]) == len(tower["other_unseen_by_epoch"]) == 1
+    assert all(v is None or 0 <= v <= 1 for v in tower["votes_by_epoch"] + tower["other_unseen_by_epoch"])

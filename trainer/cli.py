@@ -142,7 +142,8 @@ def add_benchmarks(bench_subparsers) -> None:
         description="In the shapes world: votes from the simulated rater on base-model samples of seen prompts "
                     "train the reward head (and two ablations); on unseen prompts it is compared with the CLIP "
                     "score and the oracle. The ratio is the learned reward's best-4-of-16 pass rate over the CLIP "
-                    "score's. Full run: ~3,000 samples and every unseen prompt (about 15 minutes on 2 CPU cores).")
+                    "score's. Probes: heads on the oracle's own verdicts, and the CLIP image tower tuned on the "
+                    "votes. Full run: ~3,000 samples and every unseen prompt (about 17 minutes on 2 CPU cores).")
     p.add_argument("--quick", action="store_true", help="256 samples, 6 unseen prompts, 20 epochs (about 2 minutes)")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")

@@ -20,6 +20,10 @@ In the shapes world, with the bundled generator and CLIP, in one run:
                   oracle verdicts (no noise), measured on those images (can the embeddings separate them at
                   all?) and trained on half of the unseen prompts, measured on the other half (does what it
                   learns carry over to other prompts?)
+                  - the CLIP image tower itself tuned on the votes (prompt classification among rule-perturbed
+                    prompts, count hard negatives included, + the pairwise term, on cosines): a better
+                    representation instead of a head; and tuned on half the unseen prompts' oracle verdicts,
+                    measured on the other half
 
 Every reward is called through alignloop.rewards.get_reward, as serving and training call it.
 """
@@ -98,6 +102,123 @@ def generalization_probe(image_emb: torch.Tensor, text_emb: torch.Tensor, passes
     return {"means": "heads fitted to the unseen images' own oracle verdicts: measured on them (in_sample), and "
                      "fitted on half the unseen prompts, measured on the other half (other_prompts)",
             "in_sample": round(float(in_sample), 4), "other_prompts": round(float(other_prompts), 4)}
+
+
+def failure_kind(image: np.ndarray, text: str) -> str:
+    """How the oracle fails an image: "pass", the failing aspects joined by "+", or, where the count alone fails,
+    whether a clump (objects touching) hid the right number ("count:clump") or one too many or too few showed."""
+    from alignloop.world.grammar import parse_prompt
+    from alignloop.world.oracle import judge
+
+    verdict = judge(image, text)
+    if verdict.passed:
+        return "pass"
+    failed = [aspect for aspect, ok in verdict.aspects().items() if ok is False]
+    if failed != ["count"]:
+        return "+".join(failed)
+    off = verdict.found_count - parse_prompt(text).count
+    return "count:clump" if off == 0 else "count:+1" if off == 1 else "count:-1" if off == -1 else "count:other"
+
+
+def accuracy_by_failure(scores: dict, kinds: np.ndarray, groups: np.ndarray) -> dict:
+    """Per kind of failure: its images, and each reward's preference accuracy over the pairs (a passing image, an
+    image failing that way) of one prompt: where a reward's ranking goes wrong."""
+    from alignloop.trainer.reward_model import preference_accuracy
+
+    out = {}
+    for kind in sorted(set(kinds) - {"pass"}, key=lambda k: -int((kinds == k).sum())):
+        rows = (kinds == "pass") | (kinds == kind)
+        kind = str(kind)
+        out[kind] = {"images": int((kinds == kind).sum())}
+        for name, values in scores.items():
+            accuracy, out[kind]["pairs"] = preference_accuracy(np.asarray(values)[rows], groups[rows],
+                                                               (kinds[rows] == "pass").astype(int))
+            out[kind][name] = None if accuracy is None else round(float(accuracy), 4)
+    return out
+
+
+def tune_image_tower(clip, images, prompts, labels, measure, seed: int, epochs: int, lr: float = 1e-5,
+                     temperature: float = 0.1, batch_size: int = 64, negatives: int = 7) -> list:
+    """Tunes a copy of the CLIP's image tower on votes, the text tower frozen, and scores by the tuned cosine:
+    cross-entropy of the true prompt among `negatives` rule-perturbed ones (count, color, shape, background hard
+    negatives, Lee et al.'s classification term on the towers instead of a head) on up-voted images + the pairwise
+    Bradley-Terry term on same-prompt (up, down) pairs, both on cosines over `temperature`. Returns
+    `measure(score_fn)` after each epoch, score_fn(images, texts) -> cosines [B] under the tuned tower."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from alignloop.rewards.scorer import RewardScorer, clip_normalization
+    from alignloop.trainer.reward_model import PairSampler, build_examples, embed_texts, sample_negatives
+
+    scorer = RewardScorer(clip, head=None, backend="torch")  # its preprocessing, as serving's
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_normalization(clip))
+    clip_input = lambda images_: (scorer.pixels(images_) - mean) / std  # noqa: E731
+    ex = build_examples(np.zeros((len(prompts), clip.embed_dim), np.float32), prompts, labels,
+                        lambda rows: embed_texts(clip, rows), seed)  # for its prompts' perturbation pools
+    text = F.normalize(ex.text, dim=-1)  # [T, D], frozen
+    pixels = clip_input(images)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tower = copy.deepcopy(clip.model.visual).float().train()
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=lr, weight_decay=0.01)
+    pairs = PairSampler(ex.prompt_id, ex.label)
+
+    @torch.no_grad()
+    def score(eval_images, eval_texts):
+        tower.eval()
+        embedded = F.normalize(tower(clip_input(eval_images)), dim=-1)
+        tower.train()
+        return (embedded * F.normalize(embed_texts(clip, eval_texts), dim=-1)).sum(-1)
+
+    measured = []
+    for _ in range(epochs):
+        order = torch.randperm(len(prompts), generator=generator)
+        for start in range(0, len(prompts), batch_size):
+            rows = order[start:start + batch_size]  # [b]
+            classify = (ex.label[rows] > 0.5) & (ex.pool_len[ex.prompt_id[rows]] > 0)
+            negative_rows = sample_negatives(ex, rows, negatives, generator)  # [b, N-1]
+            ups, downs = pairs.sample(len(rows), generator)  # [p], [p]
+            embedded = F.normalize(tower(pixels[torch.cat([rows, ups, downs])]), dim=-1)
+            image, up, down = embedded.split([len(rows), len(ups), len(downs)])
+            candidates = torch.cat([text[ex.prompt_id[rows]][:, None], text[negative_rows]], 1)  # [b, N, D]
+            logits = (image[:, None] * candidates).sum(-1) / temperature  # true prompt first
+            loss = F.cross_entropy(logits[classify], torch.zeros(int(classify.sum()), dtype=torch.int64)) \
+                if classify.any() else torch.zeros(())
+            if len(ups):
+                loss = loss - F.logsigmoid(((up - down) * text[ex.prompt_id[ups]]).sum(-1) / temperature).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        measured.append(measure(score))
+    return measured
+
+
+def tower_probe(clip, images, prompts, labels, eval_images, eval_texts, passes: np.ndarray, groups: np.ndarray,
+                clip_scores: np.ndarray, seed: int, epochs: int) -> dict:
+    """Would a better image-text representation, tuned from the votes, rank unseen prompts better than the frozen
+    CLIP score? `tune_image_tower` on the bench's votes, measured on every unseen pair; and on the oracle's
+    verdicts of half the unseen prompts (no noise, the very prompt distribution), measured on the other half."""
+    from alignloop.trainer.reward_model import preference_accuracy
+
+    def accuracy(scores, rows):
+        value, _ = preference_accuracy(scores, groups[rows], passes[rows])
+        return None if value is None else round(float(value), 4)  # None: no pair among these prompts
+
+    def accuracy_on(rows):
+        return lambda score: accuracy(score(eval_images[rows], [eval_texts[i] for i in rows]).numpy(), rows)
+
+    every, odd, even = np.arange(len(passes)), np.flatnonzero(groups % 2 == 1), np.flatnonzero(groups % 2 == 0)
+    on_votes = tune_image_tower(clip, images, prompts, labels, accuracy_on(every), seed, epochs)
+    on_half = tune_image_tower(clip, eval_images[even], [eval_texts[i] for i in even], passes[even].astype(int),
+                               accuracy_on(odd), seed, epochs)
+    return {"means": "unseen preference accuracy of the CLIP image tower tuned (text tower frozen, cosine score) with "
+                     "prompt classification among rule-perturbed prompts + the pairwise term, after each epoch: on "
+                     "the bench's votes (measured on every unseen pair, beside the frozen CLIP score's), and on the "
+                     "oracle's verdicts of the even unseen prompts (measured on the odd ones, beside the frozen "
+                     "CLIP score's on those)",
+            "votes_by_epoch": on_votes, "other_unseen_by_epoch": on_half,
+            "frozen_on_odd_unseen": accuracy(clip_scores[odd], odd)}
 
 
 def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5.0, flip: float = 0.1,
@@ -179,6 +300,11 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                                               [str(i) for i in range(len(eval_images))]))
     probe = generalization_probe(image_emb, embed_texts(clip, texts), passes.numpy().astype(bool), groups, seed,
                                  epochs=40 if quick else 200)
+    tower = tower_probe(clip, images, [p.text for p in train_prompts], labels, eval_images, texts,
+                        passes.numpy().astype(int), groups, scores["clip"].numpy(), seed, epochs=1 if quick else 3)
+    kinds = np.array([failure_kind(image, text) for image, text in zip(eval_images, texts)])
+    by_failure = accuracy_by_failure({"clip": scores["clip"].numpy(), "learned": scores["learned"].numpy()}, kinds,
+                                     groups)
     best = {"random": float(passes.mean()), "clip": best_k_pass_rate(scores["clip"], passes),
             "learned": best_k_pass_rate(scores["learned"], passes), "oracle": best_k_pass_rate(passes, passes)}
 
@@ -206,9 +332,13 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                 [labels[i] for i in shown_sets[policy]])), 4), "preference_accuracy": round(accuracy[policy], 4),
                         "pass_best4": round(best_k_pass_rate(scores[policy], passes), 4)} for policy in biased}},
         "oracle_pairs": pairs,
+        "accuracy_by_failure": {"means": "unseen preference accuracy over pairs (a passing image, an image the oracle "
+                                         "fails this way) of one prompt; count:clump = objects drawn touching, "
+                                         "count:+1 / -1 = one object too many / too few", **by_failure},
         "generalization_probe": {**probe, "noise_free_votes": round(accuracy["noise_free_votes"], 4),
                                  "noise_free_votes_means": "unseen preference accuracy of the full-loss head trained "
-                                 "on the oracle's verdicts of the training images instead of the rater's votes"},
+                                 "on the oracle's verdicts of the training images instead of the rater's votes",
+                                 "tuned_image_tower": tower},
         "eval_pass_rate": round(float(passes.mean()), 4),
         "training": {name: t.counts for name, t in trained.items()},
         "gap_closed": round((best["learned"] - best["clip"]) / gap, 4) if gap > 0 else None,
@@ -233,6 +363,13 @@ def summary_lines(report: dict) -> list:
     lines.append(f"probe, heads fitted to unseen images' oracle verdicts: in-sample {probe['in_sample']:.3f}, "
                  f"on other prompts {probe['other_prompts']:.3f}; full-loss head on noise-free votes "
                  f"{probe['noise_free_votes']:.3f}")
+    lines.append("preference accuracy by the oracle's failure (clip / learned): " + ", ".join(
+        f"{kind} {row['clip']} / {row['learned']} ({row['images']} images)"
+        for kind, row in report["accuracy_by_failure"].items() if kind != "means"))
+    tower = probe["tuned_image_tower"]
+    lines.append(f"probe, CLIP image tower tuned on the votes, by epoch: {tower['votes_by_epoch']} (frozen CLIP score "
+                 f"{acc['clip']:.3f}); tuned on half the unseen prompts' oracle verdicts, the other half: "
+                 f"{tower['other_unseen_by_epoch']} (frozen {tower['frozen_on_odd_unseen']})")
     if report["gap_closed"] is not None:
         lines.append(f"gap closed (learned - clip) / (oracle - clip): {report['gap_closed']:.3f}")
     return lines
