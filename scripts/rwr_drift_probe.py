@@ -20,6 +20,8 @@ base with RwrConfig's (or PpoConfig's) defaults except what its name says:
                        the learned head loses to it
     refl_clip_half     the same with the step drawn from the last half of the trajectory (default: last quarter):
                        the layout, and so the count, is decided early, where the last quarter's gradient cannot reach
+    refl_clip_3q       the step from the last three quarters
+    refl_clip_all      the step from anywhere in the trajectory (x̂0 predicted from as early as pure noise)
 
 Unvoted samples weigh 0 here (the bench gives them the learned reward; 344 of 3,344). About 50 minutes on 2 cores
 for the first eight rows, 15 more for each PPO variant:
@@ -57,7 +59,7 @@ from alignloop.trainer.rwr import sample_weights, train_rwr
 from alignloop.world.train import to_tensor
 
 ROWS = ("base", "renders_only", "rwr_pw0", "rwr_tmin500", "rwr_roundtrip", "rwr_uniform", "rwr_oracle", "ppo_oracle",
-        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "rwr_eta1", "refl_clip", "refl_clip_half")
+        "ppo_oracle_lr1e3", "ppo_oracle_pw01", "rwr_eta1", "refl_clip", "refl_clip_half", "refl_clip_3q", "refl_clip_all")
 
 
 def renders_only(config, folder):
@@ -111,8 +113,10 @@ def main(out: Path, rows, evaluations) -> None:
         "ppo_oracle_pw01": lambda f: oracle_ppo(dataclasses.replace(ppo, pretrain_weight=0.1), f),
         "rwr_eta1": lambda f: train_rwr(RwrConfig(seed=0), samples(1.0), weights(1.0), f, False),
         "refl_clip": lambda f: train_refl(ReflConfig(seed=0), seen_prompts(), DifferentiableReward(clip), f, False),
-        "refl_clip_half": lambda f: train_refl(ReflConfig(seed=0, last_fraction=0.5), seen_prompts(),
-                                               DifferentiableReward(clip), f, False),
+        **{name: functools.partial(lambda fraction, f: train_refl(ReflConfig(seed=0, last_fraction=fraction),
+                                                                  seen_prompts(), DifferentiableReward(clip), f,
+                                                                  False), fraction)
+           for name, fraction in (("refl_clip_half", 0.5), ("refl_clip_3q", 0.75), ("refl_clip_all", 1.0))},
     }
     for name in rows:
         t0 = time.monotonic()
