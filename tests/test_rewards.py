@@ -154,8 +154,10 @@ def test_oracle_reward_passes_a_render_and_fails_a_wrong_one():
     images = _renders([right, right])
     scores, info = get_reward("oracle")(images, [right.text, wrong.text])
     assert scores.dtype == torch.float32 and scores.tolist() == [1.0, 0.0]
-    assert info["verdicts"][0] == {"count": True, "color": True, "shape": True, "background": True, "passed": True}
+    assert info["verdicts"][0] == {"count": True, "color": True, "shape": True, "background": True, "passed": True,
+                                   "found_count": 2}
     assert info["verdicts"][1]["count"] is False and info["verdicts"][1]["passed"] is False
+    assert info["verdicts"][1]["found_count"] == 2  # two drawn, three asked for
     # Any of the three image forms.
     as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     assert get_reward("oracle")(as_tensor, [right.text, wrong.text])[0].tolist() == [1.0, 0.0]

@@ -321,3 +321,18 @@ def test_quick_reward_benchmark_prints_every_figure_as_json():
     tower = report["generalization_probe"]["tuned_image_tower"]  # one epoch in the quick variant
     assert len(tower["votes_by_epoch"]) == len(tower["other_unseen_by_epoch"]) == 1
     assert all(v is None or 0 <= v <= 1 for v in tower["votes_by_epoch"] + tower["other_unseen_by_epoch"])
+
+
+def test_failure_kinds_tell_a_clump_from_a_wrong_number_and_name_every_failed_aspect():
+    from alignloop.trainer.reward_bench import failure_kind
+
+    text = "three red circles on a gray background"
+    verdict = {"count": True, "color": True, "shape": True, "background": True, "passed": True, "found_count": 3}
+    assert failure_kind(verdict, text) == "pass"
+    count_only = {**verdict, "count": False, "passed": False}
+    assert failure_kind({**count_only, "found_count": 3}, text) == "count:clump"  # right number, drawn touching
+    assert failure_kind({**count_only, "found_count": 4}, text) == "count:+1"
+    assert failure_kind({**count_only, "found_count": 2}, text) == "count:-1"
+    assert failure_kind({**count_only, "found_count": 6}, text) == "count:other"
+    assert failure_kind({**count_only, "shape": False, "background": False}, text) == "count+shape+background"
+    assert failure_kind({"count": True, "shape": False, "passed": False, "found_count": 2}, "two circles") == "shape"

@@ -104,19 +104,18 @@ def generalization_probe(image_emb: torch.Tensor, text_emb: torch.Tensor, passes
             "in_sample": round(float(in_sample), 4), "other_prompts": round(float(other_prompts), 4)}
 
 
-def failure_kind(image: np.ndarray, text: str) -> str:
-    """How the oracle fails an image: "pass", the failing aspects joined by "+", or, where the count alone fails,
-    whether a clump (objects touching) hid the right number ("count:clump") or one too many or too few showed."""
+def failure_kind(verdict: dict, text: str) -> str:
+    """How the oracle failed an image (`verdict`: one of the oracle reward's info["verdicts"]): "pass", the failing
+    aspects joined by "+", or, where the count alone fails, whether a clump (objects touching) hid the right number
+    ("count:clump") or one too many or too few showed."""
     from alignloop.world.grammar import parse_prompt
-    from alignloop.world.oracle import judge
 
-    verdict = judge(image, text)
-    if verdict.passed:
+    if verdict["passed"]:
         return "pass"
-    failed = [aspect for aspect, ok in verdict.aspects().items() if ok is False]
+    failed = [aspect for aspect in ("count", "color", "shape", "background") if verdict.get(aspect) is False]
     if failed != ["count"]:
         return "+".join(failed)
-    off = verdict.found_count - parse_prompt(text).count
+    off = verdict["found_count"] - parse_prompt(text).count
     return "count:clump" if off == 0 else "count:+1" if off == 1 else "count:-1" if off == -1 else "count:other"
 
 
@@ -148,16 +147,14 @@ def tune_image_tower(clip, images, prompts, labels, measure, seed: int, epochs: 
 
     import torch.nn.functional as F
 
-    from alignloop.rewards.scorer import RewardScorer, clip_normalization
+    from alignloop.rewards.scorer import RewardScorer
     from alignloop.trainer.reward_model import PairSampler, build_examples, embed_texts, sample_negatives
 
     scorer = RewardScorer(clip, head=None, backend="torch")  # its preprocessing, as serving's
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_normalization(clip))
-    clip_input = lambda images_: (scorer.pixels(images_) - mean) / std  # noqa: E731
     ex = build_examples(np.zeros((len(prompts), clip.embed_dim), np.float32), prompts, labels,
                         lambda rows: embed_texts(clip, rows), seed)  # for its prompts' perturbation pools
     text = F.normalize(ex.text, dim=-1)  # [T, D], frozen
-    pixels = clip_input(images)
+    pixels = scorer.clip_input(images).float()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     tower = copy.deepcopy(clip.model.visual).float().train()
@@ -167,7 +164,7 @@ def tune_image_tower(clip, images, prompts, labels, measure, seed: int, epochs: 
     @torch.no_grad()
     def score(eval_images, eval_texts):
         tower.eval()
-        embedded = F.normalize(tower(clip_input(eval_images)), dim=-1)
+        embedded = F.normalize(tower(scorer.clip_input(eval_images).float()), dim=-1)
         tower.train()
         return (embedded * F.normalize(embed_texts(clip, eval_texts), dim=-1)).sum(-1)
 
@@ -283,7 +280,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
     eval_prompts = [p for p in unseen for _ in range(PER_PROMPT)]
     eval_images = _generate(pipe, eval_prompts, seed + 1, steps, guidance, progress, "sample unseen")
     texts = [p.text for p in eval_prompts]
-    passes, _ = get_reward("oracle")(eval_images, texts)
+    passes, oracle_info = get_reward("oracle")(eval_images, texts)
     rewards = {"clip": get_reward("clip", clip=clip, backend="torch"),
                **{name: get_reward("learned", head=t.head, clip=clip, backend="torch")
                   for name, t in {**trained, **biased, "noise_free_votes": noise_free}.items()}}
@@ -302,7 +299,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
                                  epochs=40 if quick else 200)
     tower = tower_probe(clip, images, [p.text for p in train_prompts], labels, eval_images, texts,
                         passes.numpy().astype(int), groups, scores["clip"].numpy(), seed, epochs=1 if quick else 3)
-    kinds = np.array([failure_kind(image, text) for image, text in zip(eval_images, texts)])
+    kinds = np.array([failure_kind(verdict, text) for verdict, text in zip(oracle_info["verdicts"], texts)])
     by_failure = accuracy_by_failure({"clip": scores["clip"].numpy(), "learned": scores["learned"].numpy()}, kinds,
                                      groups)
     best = {"random": float(passes.mean()), "clip": best_k_pass_rate(scores["clip"], passes),

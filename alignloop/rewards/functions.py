@@ -139,7 +139,8 @@ def head_from_registry(registry: Optional[str] = None, version: Optional[str] = 
 
 def oracle_reward() -> RewardFn:
     """1.0 where the oracle passes the image for its prompt, else 0.0. info["verdicts"]: per image, the
-    verdict of each aspect the prompt names (count, color, shape, background) and "passed". Shapes world
+    verdict of each aspect the prompt names (count, color, shape, background), "passed", and "found_count" (the
+    objects of the judged color it counted, a clump as the objects it seems to hold). Shapes world
     only: a prompt outside its grammar is an error naming it."""
     from alignloop.world import judge, parse_prompt
 
@@ -153,7 +154,8 @@ def oracle_reward() -> RewardFn:
                              f"{prompts[i]!r} is not one ({len(outside)} of {len(prompts)} are not)")
         verdicts = [judge(image, prompt) for image, prompt in zip(to_uint8(images), parsed)]
         scores = torch.tensor([float(v.passed) for v in verdicts], dtype=torch.float32)
-        return scores, {"reward": "oracle", "verdicts": [{**v.aspects(), "passed": v.passed} for v in verdicts]}
+        return scores, {"reward": "oracle", "verdicts": [{**v.aspects(), "passed": v.passed,
+                                                             "found_count": v.found_count} for v in verdicts]}
 
     return reward
 

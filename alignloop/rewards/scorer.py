@@ -178,10 +178,14 @@ class RewardScorer:
         pixels = pixels.to(self.clip.device, self.clip.dtype)
         return (pixels - self._graph.mean) / self._graph.std
 
+    def clip_input(self, images: Images) -> torch.Tensor:
+        """What the CLIP image tower takes: `pixels(images)` normalized, in the CLIP's device and dtype."""
+        return self._normalized(self.pixels(images))
+
     def image_embeddings(self, images: Images) -> torch.Tensor:
         """Unnormalized CLIP image embeddings [B, D] (device and dtype of the CLIP): what the head takes."""
         with torch.inference_mode():
-            return self._graph.visual(self._normalized(self.pixels(images)))
+            return self._graph.visual(self.clip_input(images))
 
     @staticmethod
     def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
