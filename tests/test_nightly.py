@@ -156,10 +156,36 @@ def test_an_unfinished_run_resumes_only_with_its_config_or_is_abandoned(tmp_path
 @pytest.mark.parametrize("field, value, message", [("method", "dpo", "method must be one of"),
                                                    ("canary_share", 1.0, "canary_share must be in"),
                                                    ("min_new_votes", 0, "min_new_votes must be"),
-                                                   ("fallback_method", "ppo", "fallback_method must be rwr, kto")])
+                                                   ("fallback_method", "ppo", "fallback_method must be rwr, kto"),
+                                                   ("worse_significance", 0.0, "worse_significance must be in")])
 def test_bad_nightly_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         NightlyConfig(**{field: value})
+
+
+def _evaluation(passed):
+    return {"seen_pass": sum(passed) / len(passed), "seen_passed": passed}
+
+
+def test_the_gate_holds_back_a_candidate_only_for_a_drop_beyond_chance():
+    """A candidate one image behind its parent on the same 128 seeded images is chance, not a regression (the old
+    rule, any drop, held such a candidate back); ten lost against one won is a regression."""
+    parent = [1] * 72 + [0] * 56
+    one_behind = [0] + parent[1:]
+    assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(one_behind), NightlyConfig()) == \
+        {"drop_p_value": 0.5, "worse": False}
+    regressed = [0] * 10 + parent[10:72] + [1] + [0] * 55  # 10 lost, 1 won: P(X >= 10 | 11, 1/2) = 12/2048
+    verdict = nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig())
+    assert verdict == {"drop_p_value": round(12 / 2048, 4), "worse": True}
+    # worse_significance 1.0 is the old rule; without per-image verdicts (an older candidate) any drop counts
+    assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(one_behind),
+                                     NightlyConfig(worse_significance=1.0))["worse"]
+    assert nightly.seen_drop_verdict(_evaluation(parent), {"seen_pass": 71 / 128}, NightlyConfig())["worse"]
+    # max_drop still bounds it: the same regression within a tolerance of 0.1 opens the canary
+    assert not nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig(max_drop=0.1))["worse"]
+    # the same images, or a gain: nothing to hold back
+    assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(parent), NightlyConfig()) == \
+        {"drop_p_value": 1.0, "worse": False}
 
 
 def test_a_candidate_waits_while_another_canary_is_being_decided(tmp_path):

@@ -200,7 +200,14 @@ class NightlyConfig:
     canary_share: float = 0.1  # share of users arm B (the candidate) gets, in (0, 1)
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
     min_new_votes: int = 1  # fewer new votes than this since the last finished run: nothing to do
-    max_drop: float = 0.0  # open no canary when the candidate's seen pass rate is below its parent's by more
+    max_drop: float = dataclasses.field(default=0.0, metadata={"help": (
+        "open no canary when the candidate's seen pass rate is below its parent's by more than this (and by more "
+        "than chance, --worse-significance)")})
+    # Any drop alone would hold back an adapter as good as its parent whenever chance puts it an image behind, nearly
+    # half the time, and the guardrail (which promotes only at P(B better) >= 0.99 on live thumbs) would never see it
+    worse_significance: float = dataclasses.field(default=0.05, metadata={"help": (
+        "a drop counts as more than chance when a one-sided sign test on the paired images (same prompts and "
+        "seeds) that only one of the two passes gives p below this; 1: any drop over --max-drop counts")})
     # Processes (one per GPU) the finetune stage trains with: > 1 launches `alignloop train METHOD` under torchrun
     nproc_per_node: int = dataclasses.field(default=1, metadata={"help": (
         "processes the finetune stage trains with, one per GPU: above 1 it runs `alignloop train METHOD` under "
@@ -222,7 +229,8 @@ class NightlyConfig:
                   ("canary_share", 0 < self.canary_share < 1, "in (0, 1)"),
                   ("eval_prompts", isinstance(self.eval_prompts, int) and self.eval_prompts >= 1, "an integer >= 1"),
                   ("min_new_votes", isinstance(self.min_new_votes, int) and self.min_new_votes >= 1, "an integer >= 1"),
-                  ("max_drop", 0 <= self.max_drop <= 1, "in [0, 1]")]
+                  ("max_drop", 0 <= self.max_drop <= 1, "in [0, 1]"),
+                  ("worse_significance", 0 < self.worse_significance <= 1, "in (0, 1]")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")

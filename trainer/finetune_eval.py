@@ -60,10 +60,11 @@ def evaluate_adapter(pipe, clip, split_name: str = "unseen", per_prompt: int = 4
         raise ValueError(f"per_prompt must be >= 2 to measure diversity, got {per_prompt}")
     prompts, _, images = draw_split_images(pipe, split_name, per_prompt, steps, guidance, seed, max_prompts,
                                            progress=progress, eta=eta)
-    report = image_metrics(clip, split_name, prompts, images, [judge(im, p) for im, p in zip(images, prompts)],
-                           per_prompt, seed)
+    verdicts = [judge(im, p) for im, p in zip(images, prompts)]
+    report = image_metrics(clip, split_name, prompts, images, verdicts, per_prompt, seed)
     report.update(split=split_name, prompts=len(prompts) // per_prompt, per_prompt=per_prompt, steps=steps,
                   guidance=guidance, seed=seed, eta=eta)
+    report["passed"] = [int(v.passed) for v in verdicts]  # per image, in the seeded order: two pipelines pair up
     return report
 
 

@@ -8,7 +8,8 @@
     4. evaluate  the tuned adapter and its parent (the live adapter, or the base) on the same seen prompts and
                  seeds; unseen prompts are reported, never decided on (they measure, they do not select)
     5. publish   the adapter as a candidate, its manifest naming the run, the parent and both evaluations
-    6. canary    open the rollout to `canary_share` of users, unless the candidate rated worse than its parent
+    6. canary    open the rollout to `canary_share` of users, unless the candidate rated worse than its parent by
+                 more than chance (seen_drop_verdict)
 
 Every stage's result is written durably to <home>/nightly/runs/<run>/state.json when it is done. A run that
 died is resumed at its first unfinished stage by the next `alignloop nightly` (or dropped with --abandon);
@@ -303,10 +304,34 @@ def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool
     with adapter_active(pipe, tuned["parent"], store):
         parent = evaluate_splits(pipe, clip, method, config.eval_prompts, progress)
     candidate = tuned["candidate_metrics"]
-    drop = parent["seen_pass"] - candidate["seen_pass"]
     return {"parent_metrics": parent, "seen_pass": candidate["seen_pass"], "parent_seen_pass": parent["seen_pass"],
             "unseen_pass": candidate["unseen_pass"], "parent_unseen_pass": parent["unseen_pass"],
-            "worse": bool(drop > config.max_drop)}
+            **seen_drop_verdict(parent, candidate, config)}
+
+
+def seen_drop_verdict(parent: dict, candidate: dict, config: NightlyConfig) -> dict:
+    """{"worse", "drop_p_value"}: worse when the candidate's seen pass rate is below its parent's by more than
+    max_drop and by more than chance (paired_drop_p_value below worse_significance)."""
+    p_value = paired_drop_p_value(parent.get("seen_passed"), candidate.get("seen_passed"))
+    drop = parent["seen_pass"] - candidate["seen_pass"]
+    return {"drop_p_value": round(p_value, 4),
+            "worse": bool(drop > config.max_drop and p_value < config.worse_significance)}
+
+
+def paired_drop_p_value(parent_passed, candidate_passed) -> float:
+    """The chance that the candidate loses at least as many of the paired images (the same prompts and seeds) as it
+    did, were it as good as its parent: a one-sided exact sign test on the images only one of the two passes
+    (McNemar's). 0.0 when the per-image verdicts are missing or do not pair up (a candidate evaluated by an older
+    version): then any drop over max_drop counts."""
+    from scipy.stats import binomtest
+
+    if not parent_passed or not candidate_passed or len(parent_passed) != len(candidate_passed):
+        return 0.0
+    losses = sum(1 for p, c in zip(parent_passed, candidate_passed) if p and not c)
+    wins = sum(1 for p, c in zip(parent_passed, candidate_passed) if c and not p)
+    if losses + wins == 0:
+        return 1.0
+    return float(binomtest(losses, losses + wins, 0.5, alternative="greater").pvalue)
 
 
 def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
@@ -328,7 +353,8 @@ def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
     if evaluated["worse"]:
         result["end"] = ("published", f"candidate {manifest.version} passes seen prompts at "
                                       f"{evaluated['seen_pass']:.3f}, below its parent's "
-                                      f"{evaluated['parent_seen_pass']:.3f}: no canary opened")
+                                      f"{evaluated['parent_seen_pass']:.3f} (paired sign test p = "
+                                      f"{evaluated.get('drop_p_value', 0.0):.3g}): no canary opened")
     return result
 
 
