@@ -153,6 +153,17 @@ def test_an_unfinished_run_resumes_only_with_its_config_or_is_abandoned(tmp_path
     assert json.loads((first.folder / "state.json").read_text())["outcome"] == "abandoned"
 
 
+def test_a_run_started_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    root = tmp_path / "nightly"
+    run = nightly.open_run(root, NightlyConfig(), abandon=False, log=lambda *a: None)
+    state = json.loads((run.folder / "state.json").read_text())
+    del state["config"]["worse_significance"]  # as an older version wrote it
+    (run.folder / "state.json").write_text(json.dumps(state))
+    assert nightly.open_run(root, NightlyConfig(), abandon=False, log=lambda *a: None).run_id == run.run_id
+    with pytest.raises(nightly.UserFacingError, match="another config"):
+        nightly.open_run(root, NightlyConfig(worse_significance=0.2), abandon=False, log=lambda *a: None)
+
+
 @pytest.mark.parametrize("field, value, message", [("method", "dpo", "method must be one of"),
                                                    ("canary_share", 1.0, "canary_share must be in"),
                                                    ("min_new_votes", 0, "min_new_votes must be"),

@@ -113,7 +113,8 @@ def open_run(root: Path, config: NightlyConfig, abandon: bool, log) -> RunState:
             f"{next((s for s in STAGES if not unfinished.done(s)), 'end')}")
         unfinished = None
     if unfinished is not None:
-        if unfinished.data["config"] != config.to_dict():
+        # A field added since the run started (e.g. worse_significance) takes its default
+        if {**NightlyConfig().to_dict(), **unfinished.data["config"]} != config.to_dict():
             raise UserFacingError(f"run {unfinished.run_id} did not finish and was started with another config "
                                   f"({unfinished.data['config']}); rerun with that config to resume it, or pass "
                                   "--abandon to drop it")
