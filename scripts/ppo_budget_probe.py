@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignloop.generation import generate
 from alignloop.machine import describe_machine
 from alignloop.models import load_clip, load_generator
 from alignloop.rewards import get_reward
@@ -29,7 +30,6 @@ from alignloop.trainer.config import PpoConfig
 from alignloop.trainer.finetune_data import seen_prompts
 from alignloop.trainer.finetune_eval import evaluate_adapter
 from alignloop.trainer.ppo import default_rewards, train_ppo
-from alignloop.trainer.rollout import sample_with_logprob
 
 PARTS = ("overfit", "steps")
 STEP_MARKS = (120, 240, 360)
@@ -47,11 +47,8 @@ def pass_rates(pipe, oracle, prompts, eta: float) -> tuple:
     """(overall, per prompt) oracle pass rate of `prompts`, one image per seed of OVERFIT_SEEDS each."""
     texts = [p.text for p in prompts for _ in OVERFIT_SEEDS]
     seeds = [s for _ in prompts for s in OVERFIT_SEEDS]
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 48):
-            rollout = sample_with_logprob(pipe, texts[i:i + 48], seeds[i:i + 48], 20, 5.0, eta=eta, log_probs=False)
-            scores.append(oracle(rollout.images, texts[i:i + 48])[0].numpy())
+    scores = [oracle(generate(pipe, texts[i:i + 48], seeds[i:i + 48], 20, 5.0, output_type="uint8", eta=eta),
+                     texts[i:i + 48])[0].numpy() for i in range(0, len(texts), 48)]
     per_prompt = np.concatenate(scores).reshape(len(prompts), len(OVERFIT_SEEDS)).mean(1)
     return round(float(per_prompt.mean()), 4), [round(float(x), 3) for x in per_prompt]
 
