@@ -87,6 +87,12 @@ def test_a_run_killed_after_any_stage_publishes_exactly_one_candidate_and_opens_
     assert [a.state for a in adapters] == ["canary"]
     assert adapters[0].data["nightly_run"] == state["run_id"] and adapters[0].metrics["parent"] == "base"
     assert "seen_pass" in adapters[0].metrics["parent_metrics"]
+    # the gate paired the candidate's per-image verdicts with its parent's (same prompts and seeds)
+    metrics = adapters[0].metrics
+    candidate_passed, parent_passed = metrics["seen_passed"], metrics["parent_metrics"]["seen_passed"]
+    assert len(candidate_passed) == len(parent_passed) > 0
+    assert state["stages"]["evaluate"]["drop_p_value"] == round(
+        nightly.paired_drop_p_value(parent_passed, candidate_passed), 4)
     registry = Registry(traffic["registry"])
     assert len(registry.versions("reward")) == 1
     assert current_rollout(registry).arm("B").adapter == adapters[0].version
