@@ -95,7 +95,8 @@ def _report(tmp_path):
             "traffic": {"requests": 40, "votes": 160, "feedback_events_on_topic": 160, "failures": [],
                         "shed_and_retried": 0},
             "cycles": [cycle, quiet_night],
-            "reward_model": {"per_cycle": [{"cycle": 1, "version": "v000001", "state": "live",
+            "reward_model": {"live": None, "rejection_reward": "v000003",
+                             "per_cycle": [{"cycle": 1, "version": "v000001", "state": "live",
                                             "held_out_accuracy": 0.7, "clip_score_accuracy": 0.8,
                                             "held_out_pairs": 30}]},
             "preference_accuracy_unseen": {"rejection_clip": {"accuracy": 0.8, "pairs": 50}},
@@ -128,6 +129,7 @@ def test_the_report_has_every_row_its_plots_and_the_goals_as_measured(tmp_path):
     assert "the nightly job: candidate v000002 is worse: no canary opened" in text  # why cycle 2 had no canary
     assert "tuned with refl on the CLIP score (no reward model was live)" in text and "tuned with kto\n" in text
     assert "Diffusion-KTO adapter (cycle 1's snapshot, from the base): the same run as candidate1 |" in text
+    assert "best k of n by the learned reward (v000003, a candidate: none was live) |" in text
     for png in ("pass-rates.png", "categories-unseen.png", "guardrail.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "training-curves.png" not in text  # no metrics.jsonl in the run folders: no empty plot

@@ -325,15 +325,21 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
     clip = load_clip(device="cpu")
     rewards = {"clip": get_reward("clip", clip=clip)}
     live_reward = registry.live(REWARD_KIND)
-    if live_reward is not None:
+    # rejection_reward ranks by the live head, else by the newest head the cycles trained (a candidate the gate
+    # held back): the learned reward is measured either way; served rows rank only by what serving ranks by
+    ranked_by = live_reward.version if live_reward else next(
+        (c["reward_version"] for c in reversed(cycles) if c["reward_version"]), None)
+    if ranked_by is not None:
         from alignloop.rewards.functions import head_from_registry
         from alignloop.rewards.scorer import load_head_for
 
-        path, _ = head_from_registry(str(home / "registry"), live_reward.version)
+        path, _ = head_from_registry(str(home / "registry"), ranked_by)
         rewards["reward"] = get_reward("learned", head=load_head_for(path, clip), clip=clip)
+    served_reward = "reward" if live_reward else "clip"
     result = {split: {} for split in SPLITS}
     result.update(fidelity={split: {} for split in SPLITS}, diversity={split: {} for split in SPLITS},
                   reward_model={"live": live_reward.version if live_reward else None,
+                                "rejection_reward": ranked_by,
                                 "per_cycle": [{"cycle": c["cycle"], "version": c["reward_version"],
                                                "state": c["reward_state"],
                                                **_reward_metrics(registry, c["reward_version"])} for c in cycles]})
@@ -371,7 +377,7 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
                     result[table][split][row] = result[table][split][same_as]
 
     measure("base", "base", served={"rejection_clip": "clip", "rejection_reward": "reward"})
-    base_served = "rejection_reward" if "reward" in rewards else "rejection_clip"
+    base_served = "rejection_reward" if live_reward else "rejection_clip"
     previous = ("base", base_served)  # the rows of what was live before the cycle
     for cycle in cycles:
         c = cycle["cycle"]
@@ -380,7 +386,7 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
             alias(rows[0], previous[0])
             alias(rows[1], previous[1])
         else:
-            measure(rows[0], cycle["live_after"], served={rows[1]: "reward" if "reward" in rewards else "clip"})
+            measure(rows[0], cycle["live_after"], served={rows[1]: served_reward})
         if cycle["candidate"]:
             measure(f"candidate{c}", cycle["candidate"])
         previous = rows

@@ -17,7 +17,7 @@ ROW_ORDER = ("base", "rejection_clip", "rejection_reward", "rwr", "ppo", "refl",
 ROW_MEANING = {
     "base": "the bundled generator alone",
     "rejection_clip": "base, best k of n by the CLIP score",
-    "rejection_reward": "base, best k of n by the live learned reward",
+    "rejection_reward": "base, best k of n by the learned reward",
     "rwr": "reward-weighted likelihood adapter (cycle 1's snapshot, from the base)",
     "ppo": "PPO adapter (cycle 1's snapshot, from the base)",
     "refl": "ReFL adapter (cycle 1's snapshot, from the base)",
@@ -77,6 +77,10 @@ def markdown(report: dict, plots: dict) -> str:
               f"{'met' if g['served_met'] else 'not met'})", ""]
     same_run = {m: f": the same run as {run['same_as']}" for m, run in (report.get("methods") or {}).items()
                 if run.get("same_as")}
+    reward_model = report["reward_model"]
+    if reward_model.get("rejection_reward"):  # which head ranked it: the live one, else the newest candidate
+        same_run["rejection_reward"] = (f" ({reward_model['rejection_reward']}, "
+                                        f"{'live' if reward_model['rejection_reward'] == reward_model.get('live') else 'a candidate: none was live'})")
     for split in ("unseen", "seen"):
         rows = report[split]
         lines += [f"## Oracle pass rate, {split} prompts ({config['eval_prompts']} prompts at most, "
