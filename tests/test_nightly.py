@@ -91,8 +91,7 @@ def test_a_run_killed_after_any_stage_publishes_exactly_one_candidate_and_opens_
     metrics = adapters[0].metrics
     candidate_passed, parent_passed = metrics["seen_passed"], metrics["parent_metrics"]["seen_passed"]
     assert len(candidate_passed) == len(parent_passed) > 0
-    assert state["stages"]["evaluate"]["drop_p_value"] == round(
-        nightly.paired_drop_p_value(parent_passed, candidate_passed), 4)
+    assert state["stages"]["evaluate"]["drop_p_value"] == nightly.paired_drop_p_value(parent_passed, candidate_passed)
     registry = Registry(traffic["registry"])
     assert len(registry.versions("reward")) == 1
     assert current_rollout(registry).arm("B").adapter == adapters[0].version
@@ -193,16 +192,83 @@ def test_the_gate_holds_back_a_candidate_only_for_a_drop_beyond_chance():
         {"drop_p_value": 0.5, "worse": False}
     regressed = [0] * 10 + parent[10:72] + [1] + [0] * 55  # 10 lost, 1 won: P(X >= 10 | 11, 1/2) = 12/2048
     verdict = nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig())
-    assert verdict == {"drop_p_value": round(12 / 2048, 4), "worse": True}
+    assert verdict == {"drop_p_value": pytest.approx(12 / 2048), "worse": True}
     # worse_significance 1.0 is the old rule; without per-image verdicts (an older candidate) any drop counts
     assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(one_behind),
                                      NightlyConfig(worse_significance=1.0))["worse"]
-    assert nightly.seen_drop_verdict(_evaluation(parent), {"seen_pass": 71 / 128}, NightlyConfig())["worse"]
+    assert nightly.seen_drop_verdict(_evaluation(parent), {"seen_pass": 71 / 128}, NightlyConfig()) == \
+        {"drop_p_value": None, "worse": True}
     # max_drop still bounds it: the same regression within a tolerance of 0.1 opens the canary
     assert not nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig(max_drop=0.1))["worse"]
     # the same images, or a gain: nothing to hold back
     assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(parent), NightlyConfig()) == \
         {"drop_p_value": 1.0, "worse": False}
+
+
+def _tiny_adapter(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(weights))
+    return {"pytorch_lora_weights.safetensors": weights}
+
+
+def _resume(tmp_path):
+    return nightly.run_nightly(NightlyConfig(), home_dir=tmp_path / "home", registry_url=str(tmp_path / "registry"),
+                               progress=False, log=lambda *a: None)
+
+
+def _unfinished_run(tmp_path, stages: dict):
+    """A run killed after writing these stages' results and before recording how it ended."""
+    state = nightly.open_run(tmp_path / "home" / "nightly", NightlyConfig(), abandon=False, log=lambda *a: None)
+    for stage, result in stages.items():
+        state.finish_stage(stage, result)
+    return state
+
+
+def test_a_run_killed_before_recording_its_end_ends_as_its_last_stage_said(tmp_path):
+    """A stage that ended the run (the gate held the candidate back) and was killed before the run's outcome was
+    written: resumed, the run ends there; it does not go on to open a canary. A run killed after its last stage
+    ends as a canary instead of failing to find a stage to resume at."""
+    done = {stage: {"stub": True} for stage in nightly.STAGES[:4]}
+    held_back = ("published", "candidate v000001 passes seen prompts at 0.400, below its parent's 0.600: no canary")
+    _unfinished_run(tmp_path, {**done, "publish": {"version": "v000001", "end": held_back}})
+    state = _resume(tmp_path)
+    assert (state["outcome"], state["reason"]) == held_back and "canary" not in state["stages"]
+
+    _unfinished_run(tmp_path, {**done, "publish": {"version": "v000002"}, "canary": {"rollout": "v000003"}})
+    state = _resume(tmp_path)
+    assert state["outcome"] == "canary" and "v000002" in state["reason"]
+
+
+def test_a_held_back_candidate_published_before_a_restart_still_opens_no_canary(tmp_path):
+    """The publish stage killed between its registry write and its state: resumed, it finds its candidate and
+    applies the gate's verdict again (before, it returned the version alone and the canary stage opened it)."""
+    from alignloop.registry import Registry
+    from alignloop.rollout import current_rollout, publish_adapter
+
+    registry = Registry(tmp_path / "registry")
+    state = _unfinished_run(tmp_path, {"finetune": {"parent": "base"},
+                                       "evaluate": {"worse": True, "seen_pass": 0.4, "parent_seen_pass": 0.6,
+                                                    "drop_p_value": 0.001}})
+    published = publish_adapter(registry, _tiny_adapter(tmp_path), data={"nightly_run": state.run_id}, who="t", why="t")
+    result = nightly.stage_publish(state, NightlyConfig(), registry, log=lambda *a: None)
+    assert result["version"] == published.version and result["reason"] == "published before a restart"
+    assert result["end"][0] == "published" and "p = 0.001" in result["end"][1] and "no canary" in result["end"][1]
+    assert current_rollout(registry) is None and len(registry.versions("adapter")) == 1
+
+
+def test_votes_count_up_from_the_last_run_that_tuned_not_from_one_that_found_too_few(tmp_path):
+    """Snapshots are cumulative: with --min-new-votes 100 and 60 votes a night, the second night has 120 new votes
+    since the last tuned run; a 'nothing new' run in between is not the baseline."""
+    root = tmp_path / "nightly"
+    for run_id, outcome, votes in (("20261201-000000", "canary", 500), ("20261202-000000", "nothing new", 560),
+                                   ("20261203-000000", "abandoned", 600)):
+        (root / "runs" / run_id).mkdir(parents=True)
+        (root / "runs" / run_id / "state.json").write_text(json.dumps(
+            {"run_id": run_id, "outcome": outcome, "stages": {"snapshot": {"version": run_id, "votes": votes}}}))
+    assert nightly.last_finished_snapshot(root) == {"version": "20261201-000000", "votes": 500}
 
 
 def test_a_candidate_waits_while_another_canary_is_being_decided(tmp_path):

@@ -118,7 +118,7 @@ def open_run(root: Path, config: NightlyConfig, abandon: bool, log) -> RunState:
             raise UserFacingError(f"run {unfinished.run_id} did not finish and was started with another config "
                                   f"({unfinished.data['config']}); rerun with that config to resume it, or pass "
                                   "--abandon to drop it")
-        log(f"run {unfinished.run_id}: resuming at stage {next(s for s in STAGES if not unfinished.done(s))}")
+        log(f"run {unfinished.run_id}: resuming at stage {next((s for s in STAGES if not unfinished.done(s)), 'end')}")
         return unfinished
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     while (root / "runs" / run_id).exists():  # two runs in one second (tests)
@@ -132,9 +132,10 @@ def open_run(root: Path, config: NightlyConfig, abandon: bool, log) -> RunState:
 
 
 def last_finished_snapshot(root: Path) -> Optional[dict]:
-    """The snapshot stage of the newest run that finished with a candidate or with nothing new to do."""
+    """The snapshot stage of the newest run that finished with a candidate: the votes new since then are the ones no
+    candidate was tuned on (a run that found too few is not a baseline, or a slow trickle would never count up)."""
     for state in reversed(_runs(root)):
-        if state.data.get("outcome") in ("published", "canary", "nothing new") and state.done("snapshot"):
+        if state.data.get("outcome") in ("published", "canary") and state.done("snapshot"):
             return state.done("snapshot")
     return None
 
@@ -174,18 +175,19 @@ def run_nightly(config: NightlyConfig, home_dir: Optional[Path] = None, registry
                   "publish": lambda: stage_publish(state, config, store, log),
                   "canary": lambda: stage_canary(state, config, store, log)}
         for stage in STAGES:
-            if state.done(stage):
-                continue
-            started = time.monotonic()
-            result = stages[stage]()
-            result["seconds"] = round(time.monotonic() - started, 1)
-            state.finish_stage(stage, result)
-            log(f"run {state.run_id}: {stage} done in {result['seconds']} s: {_brief(result)}")
-            if result.get("end"):
+            result = state.done(stage)
+            ran = result is None
+            if ran:
+                started = time.monotonic()
+                result = stages[stage]()
+                result["seconds"] = round(time.monotonic() - started, 1)
+                state.finish_stage(stage, result)
+                log(f"run {state.run_id}: {stage} done in {result['seconds']} s: {_brief(result)}")
+            if result.get("end"):  # also a finished stage's end that a kill kept from being recorded
                 state.end(*result["end"])
                 log(f"run {state.run_id}: {result['end'][0]}: {result['end'][1]}")
                 return state.data
-            if stage == stop_after:
+            if ran and stage == stop_after:
                 return state.data
         state.end("canary", f"adapter {state.done('publish')['version']} serves {config.canary_share:.0%} of users")
         return state.data
@@ -315,19 +317,19 @@ def seen_drop_verdict(parent: dict, candidate: dict, config: NightlyConfig) -> d
     max_drop and by more than chance (paired_drop_p_value below worse_significance)."""
     p_value = paired_drop_p_value(parent.get("seen_passed"), candidate.get("seen_passed"))
     drop = parent["seen_pass"] - candidate["seen_pass"]
-    return {"drop_p_value": round(p_value, 4),
-            "worse": bool(drop > config.max_drop and p_value < config.worse_significance)}
+    beyond_chance = p_value is None or p_value < config.worse_significance
+    return {"drop_p_value": p_value, "worse": bool(drop > config.max_drop and beyond_chance)}
 
 
 def paired_drop_p_value(parent_passed, candidate_passed) -> float:
     """The chance that the candidate loses at least as many of the paired images (the same prompts and seeds) as it
     did, were it as good as its parent: a one-sided exact sign test on the images only one of the two passes
-    (McNemar's). 0.0 when the per-image verdicts are missing or do not pair up (a candidate evaluated by an older
+    (McNemar's). None when the per-image verdicts are missing or do not pair up (a candidate evaluated by an older
     version): then any drop over max_drop counts."""
     from scipy.stats import binomtest
 
     if not parent_passed or not candidate_passed or len(parent_passed) != len(candidate_passed):
-        return 0.0
+        return None
     losses = sum(1 for p, c in zip(parent_passed, candidate_passed) if p and not c)
     wins = sum(1 for p, c in zip(parent_passed, candidate_passed) if c and not p)
     if losses + wins == 0:
@@ -338,24 +340,28 @@ def paired_drop_p_value(parent_passed, candidate_passed) -> float:
 def stage_publish(state: RunState, config: NightlyConfig, store, log) -> dict:
     from alignloop.trainer.finetune_job import publish_trained
 
+    tuned, evaluated = state.done("finetune"), state.done("evaluate")
     already = _written_by(store, "adapter", state.run_id)
     if already is not None:
-        return {"version": already.version, "reason": "published before a restart"}
-    tuned, evaluated = state.done("finetune"), state.done("evaluate")
-    metrics = {**tuned["candidate_metrics"], "parent": tuned["parent"], "parent_metrics": evaluated["parent_metrics"]}
-    data = {**tuned["data"], "nightly_run": state.run_id, "nightly_config": config.to_dict()}
-    method = tuned.get("method", config.method)
-    manifest = publish_trained(store, Path(tuned["adapter"]), method,
-                               method_config_for(config, tuned["init_adapter"], method), metrics, data,
-                               why=f"nightly {state.run_id}: seen pass {evaluated['seen_pass']:.3f} vs parent "
-                                   f"{tuned['parent']} {evaluated['parent_seen_pass']:.3f}",
-                               parent=None if tuned["parent"] == "base" else tuned["parent"])
-    result = {"version": manifest.version}
-    if evaluated["worse"]:
-        result["end"] = ("published", f"candidate {manifest.version} passes seen prompts at "
+        result = {"version": already.version, "reason": "published before a restart"}
+    else:
+        metrics = {**tuned["candidate_metrics"], "parent": tuned["parent"],
+                   "parent_metrics": evaluated["parent_metrics"]}
+        data = {**tuned["data"], "nightly_run": state.run_id, "nightly_config": config.to_dict()}
+        method = tuned.get("method", config.method)
+        manifest = publish_trained(store, Path(tuned["adapter"]), method,
+                                   method_config_for(config, tuned["init_adapter"], method), metrics, data,
+                                   why=f"nightly {state.run_id}: seen pass {evaluated['seen_pass']:.3f} vs parent "
+                                       f"{tuned['parent']} {evaluated['parent_seen_pass']:.3f}",
+                                   parent=None if tuned["parent"] == "base" else tuned["parent"])
+        result = {"version": manifest.version}
+    if evaluated["worse"]:  # published either way (a candidate, on record), but no canary
+        p_value = evaluated.get("drop_p_value")
+        result["end"] = ("published", f"candidate {result['version']} passes seen prompts at "
                                       f"{evaluated['seen_pass']:.3f}, below its parent's "
-                                      f"{evaluated['parent_seen_pass']:.3f} (paired sign test p = "
-                                      f"{evaluated.get('drop_p_value', 0.0):.3g}): no canary opened")
+                                      f"{evaluated['parent_seen_pass']:.3f}"
+                                      + (f" (paired sign test p = {p_value:.3g})" if p_value is not None else "")
+                                      + ": no canary opened")
     return result
 
 
