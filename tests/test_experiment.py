@@ -99,7 +99,8 @@ def _report(tmp_path):
                              "per_cycle": [{"cycle": 1, "version": "v000001", "state": "live",
                                             "held_out_accuracy": 0.7, "clip_score_accuracy": 0.8,
                                             "held_out_pairs": 30}]},
-            "preference_accuracy_unseen": {"rejection_clip": {"accuracy": 0.8, "pairs": 50}},
+            "preference_accuracy_unseen": {"rejection_clip": {"accuracy": 0.8, "pairs": 50},
+                                           "rejection_reward": {"accuracy": 0.7, "pairs": 50}},
             "promotions": [{"cycle": 1, "promoted": "v000001", "replaced": "base", "seen_pass": 0.45,
                             "unseen_pass": 0.45, "replaced_seen_pass": 0.4, "replaced_unseen_pass": 0.4,
                             "worse": False}],
@@ -130,6 +131,7 @@ def test_the_report_has_every_row_its_plots_and_the_goals_as_measured(tmp_path):
     assert "tuned with refl on the CLIP score (no reward model was live)" in text and "tuned with kto\n" in text
     assert "Diffusion-KTO adapter (cycle 1's snapshot, from the base): the same run as candidate1 |" in text
     assert "best k of n by the learned reward (v000003, a candidate: none was live) |" in text
+    assert "CLIP score 0.800 (50 pairs), learned reward (v000003, a candidate: none was live) 0.700 (50 pairs)" in text
     for png in ("pass-rates.png", "categories-unseen.png", "guardrail.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "training-curves.png" not in text  # no metrics.jsonl in the run folders: no empty plot
@@ -149,3 +151,13 @@ def test_cycle_1s_candidate_stands_for_its_method_only_when_it_is_the_same_run()
     from_live = {**cycle, "nightly_stages": {"finetune": {"method": "kto", "init_adapter": "/registry/v000009"}}}
     assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=3), config, from_live) is None
     assert cycle1_candidate_if_same_run("kto", KtoConfig(seed=0, steps=3), config, {**cycle, "candidate": None}) is None
+
+
+def test_each_cycle_is_served_by_the_head_live_after_it_not_the_last_one():
+    from alignloop.trainer.experiment import serving_rankers
+
+    cycles = [{"cycle": 1, "reward_version": "v000001", "reward_state": "candidate"},
+              {"cycle": 2, "reward_version": "v000002", "reward_state": "live"},
+              {"cycle": 3, "reward_version": "v000003", "reward_state": "candidate"},
+              {"cycle": 4, "reward_version": None, "reward_state": None}]  # a night with nothing new
+    assert serving_rankers(cycles) == {1: "clip", 2: "v000002", 3: "v000002", 4: "v000002"}

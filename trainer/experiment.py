@@ -13,9 +13,10 @@
                  guardrail_every requests, until it promotes or rolls back the candidate, or canary_requests are
                  spent (the canary is then retired as inconclusive). The next cycle starts from what is live.
     4. Measure   on seen and unseen prompts, with world eval's seeds, per category: the base generator; best-k of
-                 n by the CLIP score and by the live learned reward; each fine-tuning method's adapter trained
-                 from cycle 1's snapshot; the candidate of each cycle and the generator live after it, alone and
-                 as served (its best k of n by the live reward); the reward model's preference accuracy against
+                 n by the CLIP score and by the learned reward (the live head, else the newest one the cycles
+                 trained); each fine-tuning method's adapter trained from cycle 1's snapshot; the candidate of each
+                 cycle and the generator live after it, alone and as served (its best k of n by the reward live
+                 after that cycle: a head, else the CLIP score); the reward model's preference accuracy against
                  the CLIP score's on unseen pairs; fidelity and diversity
     5. Report    DIR/experiment.json, DIR/report.md with its PNG plots and image grids (alignloop.trainer.
                  experiment_report)
@@ -302,7 +303,8 @@ def _live_adapter(registry) -> str:
 
 def _brief_stage(result: dict) -> dict:
     """A stage's result without its bulky parts (the full state stays in the nightly run's folder)."""
-    return {k: v for k, v in result.items() if k not in ("data", "rollout_arms")}
+    return {k: _brief_stage(v) if isinstance(v, dict) else v for k, v in result.items()
+            if k not in ("data", "rollout_arms", "seen_passed")}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -323,19 +325,20 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
     registry = Registry(home / "registry")
     pipe = load_generator(device="cpu", dtype=torch.float32)
     clip = load_clip(device="cpu")
-    rewards = {"clip": get_reward("clip", clip=clip)}
+    from alignloop.rewards.functions import head_from_registry
+    from alignloop.rewards.scorer import load_head_for
+
     live_reward = registry.live(REWARD_KIND)
     # rejection_reward ranks by the live head, else by the newest head the cycles trained (a candidate the gate
-    # held back): the learned reward is measured either way; served rows rank only by what serving ranks by
+    # held back): the learned reward is measured either way. Served rows rank only by what serving ranked by after
+    # their cycle: the head live then (the newest cycle's head its gate published live), else the CLIP score.
     ranked_by = live_reward.version if live_reward else next(
         (c["reward_version"] for c in reversed(cycles) if c["reward_version"]), None)
-    if ranked_by is not None:
-        from alignloop.rewards.functions import head_from_registry
-        from alignloop.rewards.scorer import load_head_for
-
-        path, _ = head_from_registry(str(home / "registry"), ranked_by)
-        rewards["reward"] = get_reward("learned", head=load_head_for(path, clip), clip=clip)
-    served_reward = "reward" if live_reward else "clip"
+    served_by = serving_rankers(cycles)
+    rewards = {"clip": get_reward("clip", clip=clip)}  # by name: "clip" or a head's version
+    for version in {ranked_by, *served_by.values()} - {None, "clip"}:
+        path, _ = head_from_registry(str(home / "registry"), version)
+        rewards[version] = get_reward("learned", head=load_head_for(path, clip), clip=clip)
     result = {split: {} for split in SPLITS}
     result.update(fidelity={split: {} for split in SPLITS}, diversity={split: {} for split in SPLITS},
                   reward_model={"live": live_reward.version if live_reward else None,
@@ -376,26 +379,36 @@ def measure_all(config: ExperimentConfig, home: Path, cycles: list, out: Path, p
                 if same_as in result[table][split]:
                     result[table][split][row] = result[table][split][same_as]
 
-    measure("base", "base", served={"rejection_clip": "clip", "rejection_reward": "reward"})
-    base_served = "rejection_reward" if live_reward else "rejection_clip"
-    previous = ("base", base_served)  # the rows of what was live before the cycle
+    measure("base", "base", served={"rejection_clip": "clip", "rejection_reward": ranked_by})
+    served_row = {("base", "clip"): "rejection_clip", ("base", ranked_by): "rejection_reward"}  # what measured what
     for cycle in cycles:
         c = cycle["cycle"]
-        rows = (f"cycle{c}", f"served_cycle{c}")
-        if not cycle["promoted"]:  # live is what it was: the same rows
-            alias(rows[0], previous[0])
-            alias(rows[1], previous[1])
+        live_after = (cycle["live_after"], served_by[c])  # the generator and what serving ranked by
+        if live_after in served_row:  # measured already (e.g. nothing promoted): the same rows
+            measure(f"cycle{c}", cycle["live_after"])
+            alias(f"served_cycle{c}", served_row[live_after])
         else:
-            measure(rows[0], cycle["live_after"], served={rows[1]: served_reward})
+            measure(f"cycle{c}", cycle["live_after"], served={f"served_cycle{c}": served_by[c]})
+            served_row[live_after] = f"served_cycle{c}"
         if cycle["candidate"]:
             measure(f"candidate{c}", cycle["candidate"])
-        previous = rows
     result["methods"] = train_other_methods(config, cycles, home, out, progress, log)
     for method, run in result["methods"].items():
         measure(method, run["version"])
     result["promotions"] = promotion_checks(result, cycles)
     result["grids"] = _write_grids(grids, out)
     return result
+
+
+def serving_rankers(cycles: list) -> dict:
+    """{cycle: what serving ranked by after it}: the head of the newest cycle up to it whose gate published it live,
+    else "clip" (the experiment starts with no head live)."""
+    ranker, out = "clip", {}
+    for cycle in cycles:
+        if cycle["reward_state"] == "live" and cycle["reward_version"]:
+            ranker = cycle["reward_version"]
+        out[cycle["cycle"]] = ranker
+    return out
 
 
 def measure_split(pipe, clip, split: str, per_prompt: int, config: ExperimentConfig, rewards: dict,

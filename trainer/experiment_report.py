@@ -41,6 +41,14 @@ def meaning(row: str) -> str:
     return row
 
 
+def _learned_reward_label(reward_model: dict) -> str:
+    """Which head ranked the rejection_reward row: the live one, else the newest candidate; "" when none was trained."""
+    version = reward_model.get("rejection_reward")
+    if not version:
+        return ""
+    return f"{version}, {'live' if version == reward_model.get('live') else 'a candidate: none was live'}"
+
+
 def write_report(report: dict, out: Path) -> Path:
     import matplotlib
 
@@ -77,10 +85,9 @@ def markdown(report: dict, plots: dict) -> str:
               f"{'met' if g['served_met'] else 'not met'})", ""]
     same_run = {m: f": the same run as {run['same_as']}" for m, run in (report.get("methods") or {}).items()
                 if run.get("same_as")}
-    reward_model = report["reward_model"]
-    if reward_model.get("rejection_reward"):  # which head ranked it: the live one, else the newest candidate
-        same_run["rejection_reward"] = (f" ({reward_model['rejection_reward']}, "
-                                        f"{'live' if reward_model['rejection_reward'] == reward_model.get('live') else 'a candidate: none was live'})")
+    head = _learned_reward_label(report["reward_model"])
+    if head:
+        same_run["rejection_reward"] = f" ({head})"
     for split in ("unseen", "seen"):
         rows = report[split]
         lines += [f"## Oracle pass rate, {split} prompts ({config['eval_prompts']} prompts at most, "
@@ -108,8 +115,9 @@ def markdown(report: dict, plots: dict) -> str:
                      f"on {row.get('held_out_pairs')} pairs of held-out seen prompts")
     accuracy = report.get("preference_accuracy_unseen") or {}
     if accuracy:
+        names = {"rejection_clip": "CLIP score", "rejection_reward": f"learned reward ({head})"}
         lines.append("- unseen prompts, pairs of a passing and a failing image of the base generator: " + ", ".join(
-            f"{name.replace('rejection_', '')} {_f(v['accuracy'])} ({v['pairs']} pairs)" for name, v in accuracy.items()))
+            f"{names.get(name, name)} {_f(v['accuracy'])} ({v['pairs']} pairs)" for name, v in accuracy.items()))
     lines += ["", "## Cycles", ""]
     for cycle in report["cycles"]:
         lines.append(f"- cycle {cycle['cycle']}: traffic {cycle['traffic_seconds']:.0f} s, nightly "
