@@ -91,7 +91,8 @@ def test_a_run_killed_after_any_stage_publishes_exactly_one_candidate_and_opens_
     metrics = adapters[0].metrics
     candidate_passed, parent_passed = metrics["seen_passed"], metrics["parent_metrics"]["seen_passed"]
     assert len(candidate_passed) == len(parent_passed) > 0
-    assert state["stages"]["evaluate"]["drop_p_value"] == nightly.paired_drop_p_value(parent_passed, candidate_passed)
+    assert metrics["seen_per_prompt"] == metrics["parent_metrics"]["seen_per_prompt"] == 4
+    assert state["stages"]["evaluate"]["drop_p_value"] == nightly.paired_drop_p_value(parent_passed, candidate_passed, 4)
     registry = Registry(traffic["registry"])
     assert len(registry.versions("reward")) == 1
     assert current_rollout(registry).arm("B").adapter == adapters[0].version
@@ -179,30 +180,50 @@ def test_bad_nightly_config_is_refused(field, value, message):
         NightlyConfig(**{field: value})
 
 
-def _evaluation(passed):
-    return {"seen_pass": sum(passed) / len(passed), "seen_passed": passed}
+def _evaluation(passed, per_prompt=4):
+    return {"seen_pass": sum(passed) / len(passed), "seen_passed": passed, "seen_per_prompt": per_prompt}
+
+
+def _flipped(passed, images):
+    return [1 - v if i in images else v for i, v in enumerate(passed)]
 
 
 def test_the_gate_holds_back_a_candidate_only_for_a_drop_beyond_chance():
-    """A candidate one image behind its parent on the same 128 seeded images is chance, not a regression (the old
-    rule, any drop, held such a candidate back); ten lost against one won is a regression."""
-    parent = [1] * 72 + [0] * 56
-    one_behind = [0] + parent[1:]
+    """32 prompts x 4 seeds, paired. A candidate one image behind its parent is chance, not a regression (the old
+    rule, any drop, held such a candidate back); worse on ten prompts and better on one is a regression."""
+    parent = [1, 1, 0, 0] * 32
+    one_behind = _flipped(parent, {0})
     assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(one_behind), NightlyConfig()) == \
         {"drop_p_value": 0.5, "worse": False}
-    regressed = [0] * 10 + parent[10:72] + [1] + [0] * 55  # 10 lost, 1 won: P(X >= 10 | 11, 1/2) = 12/2048
+    regressed = _flipped(parent, {4 * p for p in range(10)} | {4 * 10 + 2})  # P(X >= 10 | 11, 1/2) = 12/2048
     verdict = nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig())
     assert verdict == {"drop_p_value": pytest.approx(12 / 2048), "worse": True}
     # worse_significance 1.0 is the old rule; without per-image verdicts (an older candidate) any drop counts
     assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(one_behind),
                                      NightlyConfig(worse_significance=1.0))["worse"]
-    assert nightly.seen_drop_verdict(_evaluation(parent), {"seen_pass": 71 / 128}, NightlyConfig()) == \
+    assert nightly.seen_drop_verdict(_evaluation(parent), {"seen_pass": 63 / 128}, NightlyConfig()) == \
         {"drop_p_value": None, "worse": True}
     # max_drop still bounds it: the same regression within a tolerance of 0.1 opens the canary
     assert not nightly.seen_drop_verdict(_evaluation(parent), _evaluation(regressed), NightlyConfig(max_drop=0.1))["worse"]
     # the same images, or a gain: nothing to hold back
     assert nightly.seen_drop_verdict(_evaluation(parent), _evaluation(parent), NightlyConfig()) == \
         {"drop_p_value": 1.0, "worse": False}
+
+
+def test_the_gate_counts_prompts_not_images():
+    """Five images lost on two prompts and one image won on a third: two of three prompts worse is chance (p = 1/2);
+    counted as independent images (McNemar's test, per_prompt 1) the same verdicts read as a regression."""
+    parent = [1, 1, 1, 0] * 32
+    few_prompts = _flipped(parent, {0, 1, 2, 4, 5, 11})  # prompt 0 loses 3, prompt 1 loses 2, prompt 2 wins 1
+    by_prompt = nightly.seen_drop_verdict(_evaluation(parent), _evaluation(few_prompts), NightlyConfig())
+    assert by_prompt == {"drop_p_value": pytest.approx(0.5), "worse": False}
+    by_image = nightly.seen_drop_verdict(_evaluation(parent, 1), _evaluation(few_prompts, 1), NightlyConfig())
+    assert by_image == {"drop_p_value": pytest.approx(7 / 64), "worse": False}  # P(X >= 5 | 6)
+    assert nightly.paired_drop_p_value(parent, _flipped(parent, set(range(0, 36, 4)) | {2}), 1) < 0.05
+    # groups that do not match (another per_prompt, a partial prompt) do not pair up: any drop counts
+    assert nightly.seen_drop_verdict(_evaluation(parent, 4), _evaluation(few_prompts, 1), NightlyConfig()) == \
+        {"drop_p_value": None, "worse": True}
+    assert nightly.paired_drop_p_value(parent[:-1], few_prompts[:-1], 4) is None
 
 
 def _tiny_adapter(tmp_path):

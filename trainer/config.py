@@ -199,15 +199,16 @@ class NightlyConfig:
     steps: int = 0  # optimizer steps of the method; 0 = the method's default
     canary_share: float = 0.1  # share of users arm B (the candidate) gets, in (0, 1)
     eval_prompts: int = 32  # seen prompts (4 images each) the candidate and its parent are compared on
-    min_new_votes: int = 1  # fewer new votes than this since the last finished run: nothing to do
+    min_new_votes: int = 1  # fewer new votes than this since the last run that tuned: nothing to do
     max_drop: float = dataclasses.field(default=0.0, metadata={"help": (
         "open no canary when the candidate's seen pass rate is below its parent's by more than this (and by more "
         "than chance, --worse-significance)")})
     # Any drop alone would hold back an adapter as good as its parent whenever chance puts it an image behind, nearly
     # half the time, and the guardrail (which promotes only at P(B better) >= 0.99 on live thumbs) would never see it
     worse_significance: float = dataclasses.field(default=0.05, metadata={"help": (
-        "a drop counts as more than chance when a one-sided sign test on the paired images (same prompts and "
-        "seeds) that only one of the two passes gives p below this; 1: any drop over --max-drop counts")})
+        "a drop counts as more than chance when a one-sided sign test over the prompts on which the candidate's and "
+        "its parent's paired images (same seeds) differ in number passed gives p below this; 1: any drop over "
+        "--max-drop counts")})
     # Processes (one per GPU) the finetune stage trains with: > 1 launches `alignloop train METHOD` under torchrun
     nproc_per_node: int = dataclasses.field(default=1, metadata={"help": (
         "processes the finetune stage trains with, one per GPU: above 1 it runs `alignloop train METHOD` under "

@@ -138,7 +138,7 @@ def evaluate_splits(pipe, clip, config, eval_prompts: int, progress: bool) -> di
         metrics[f"{split_name}_fidelity_fd"] = result["fidelity_fd"]
         metrics[f"{split_name}_diversity"] = result["diversity"]
         if split_name == "seen":  # per image: the nightly gate pairs a candidate's verdicts with its parent's
-            metrics["seen_passed"] = result["passed"]
+            metrics.update(seen_passed=result["passed"], seen_per_prompt=result["per_prompt"])
     return metrics
 
 

@@ -9,7 +9,7 @@
                  seeds; unseen prompts are reported, never decided on (they measure, they do not select)
     5. publish   the adapter as a candidate, its manifest naming the run, the parent and both evaluations
     6. canary    open the rollout to `canary_share` of users, unless the candidate rated worse than its parent by
-                 more than chance (seen_drop_verdict)
+                 more than chance, prompt by prompt (seen_drop_verdict)
 
 Every stage's result is written durably to <home>/nightly/runs/<run>/state.json when it is done. A run that
 died is resumed at its first unfinished stage by the next `alignloop nightly` (or dropped with --abandon);
@@ -315,23 +315,29 @@ def stage_evaluate(state: RunState, config: NightlyConfig, store, progress: bool
 def seen_drop_verdict(parent: dict, candidate: dict, config: NightlyConfig) -> dict:
     """{"worse", "drop_p_value"}: worse when the candidate's seen pass rate is below its parent's by more than
     max_drop and by more than chance (paired_drop_p_value below worse_significance)."""
-    p_value = paired_drop_p_value(parent.get("seen_passed"), candidate.get("seen_passed"))
+    per_prompt = candidate.get("seen_per_prompt", 1)  # 1: verdicts of an older version, not grouped
+    p_value = (paired_drop_p_value(parent.get("seen_passed"), candidate.get("seen_passed"), per_prompt)
+               if parent.get("seen_per_prompt", 1) == per_prompt else None)
     drop = parent["seen_pass"] - candidate["seen_pass"]
     beyond_chance = p_value is None or p_value < config.worse_significance
     return {"drop_p_value": p_value, "worse": bool(drop > config.max_drop and beyond_chance)}
 
 
-def paired_drop_p_value(parent_passed, candidate_passed) -> float:
-    """The chance that the candidate loses at least as many of the paired images (the same prompts and seeds) as it
-    did, were it as good as its parent: a one-sided exact sign test on the images only one of the two passes
-    (McNemar's). None when the per-image verdicts are missing or do not pair up (a candidate evaluated by an older
-    version): then any drop over max_drop counts."""
+def paired_drop_p_value(parent_passed, candidate_passed, per_prompt: int = 1) -> Optional[float]:
+    """The chance that the candidate does worse than its parent on at least as many prompts as it did, were it as
+    good: a one-sided exact sign test over the prompts on which their paired images (the same seeds, `per_prompt`
+    consecutive verdicts a prompt) differ in number passed. Prompts, not images, are the units: an adapter that
+    breaks a prompt breaks it at every seed, so images of one prompt do not count as independent evidence (with
+    per_prompt 1 it is McNemar's test on the images). None when the verdicts are missing or do not pair up (a
+    candidate evaluated by an older version): then any drop over max_drop counts."""
     from scipy.stats import binomtest
 
-    if not parent_passed or not candidate_passed or len(parent_passed) != len(candidate_passed):
+    if (not parent_passed or not candidate_passed or len(parent_passed) != len(candidate_passed)
+            or len(parent_passed) % per_prompt):
         return None
-    losses = sum(1 for p, c in zip(parent_passed, candidate_passed) if p and not c)
-    wins = sum(1 for p, c in zip(parent_passed, candidate_passed) if c and not p)
+    nets = [sum(candidate_passed[i:i + per_prompt]) - sum(parent_passed[i:i + per_prompt])
+            for i in range(0, len(parent_passed), per_prompt)]
+    losses, wins = sum(1 for n in nets if n < 0), sum(1 for n in nets if n > 0)
     if losses + wins == 0:
         return 1.0
     return float(binomtest(losses, losses + wins, 0.5, alternative="greater").pvalue)
