@@ -7,9 +7,10 @@
 
 The rule (Beta-Binomial, as experimentation platforms such as GrowthBook state theirs):
 - Each arm's thumbs-up rate p has a Beta(1 + ups/d, 1 + downs/d) posterior (a uniform Beta(1, 1) prior), d the
-  arm's design effect: a request's k votes share its prompt and its user and agree more than independent votes,
-  so d (the cluster-robust variance of the rate, votes grouped by request, over the binomial one; >= 1) says how
-  many of them count as one. From
+  arm's design effect: a user's votes share their taste (and a request's k votes its prompt) and agree more than
+  independent votes, so d (the cluster-robust variance of the rate, votes grouped by voter: the user, whom arms are
+  assigned by, else the anonymous request; over the binomial one; >= 1) says how many of them count as one. A
+  voter who changes a vote on an image counts once, with the last. From
   `draws` seeded Monte Carlo samples of both: P(B > A), P(B > A + min_lift), and the expected loss of shipping B,
   E[max(pA - pB, 0)]: how many thumbs-up points per vote users lose on average if B ships and is worse.
 - No decision while either arm has fewer than `min_votes` votes.
@@ -50,7 +51,7 @@ from typing import Literal, Optional
 from alignloop import rollout as rollouts
 from alignloop.errors import UserFacingError
 from alignloop.events import FeedbackEvent, GenerationEvent
-from alignloop.registry import Registry
+from alignloop.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,22 @@ class ArmStats:
     up: int = 0
     down: int = 0
     rewards: dict[str, RewardTally] = field(default_factory=dict)  # reward model -> scores of the shown images
-    requests: dict[str, list] = field(default_factory=dict)  # request id -> [up votes, votes] on its images
+    clusters: dict[str, list] = field(default_factory=dict)  # voter (user hash, else request id) -> [up, votes]
+    latest: dict = field(default_factory=dict)  # (image id, voter) -> (up, cluster): the vote that counts
 
-    def add_vote(self, request_id: str, up: bool) -> None:
-        self.up, self.down = self.up + up, self.down + (not up)
-        tally = self.requests.setdefault(request_id, [0, 0])
-        tally[0], tally[1] = tally[0] + up, tally[1] + 1
+    def add_vote(self, cluster: str, up: bool, key: Optional[tuple] = None) -> None:
+        """One vote in `cluster`; a vote with the `key` of an earlier one (the same voter on the same image, who
+        changed their mind) replaces it, as the reward model's vote hygiene does."""
+        if key is not None:
+            if key in self.latest:
+                self._tally(*self.latest[key], sign=-1)
+            self.latest[key] = (up, cluster)
+        self._tally(up, cluster)
+
+    def _tally(self, up: bool, cluster: str, sign: int = 1) -> None:
+        self.up, self.down = self.up + sign * up, self.down + sign * (not up)
+        tally = self.clusters.setdefault(cluster, [0, 0])
+        tally[0], tally[1] = tally[0] + sign * up, tally[1] + sign
 
     @property
     def votes(self) -> int:
@@ -158,10 +169,11 @@ class ArmStats:
     @property
     def design_effect(self) -> float:
         """How many votes count as one independent vote: the cluster-robust variance of the thumbs-up rate (votes
-        grouped by request) over the binomial one, at least 1. A request's k votes share its prompt and its user, so
-        they agree more than independent votes would; counted as independent they make the posterior too sure.
-        1 when the votes carry no requests (counts given directly) or come from fewer than 2 requests."""
-        groups = [tally for tally in self.requests.values() if tally[1]]
+        grouped by voter, the unit arms are assigned by: a user's votes over all their requests, an anonymous
+        request's k votes) over the binomial one, at least 1. A voter's votes share their taste and a request's its
+        prompt, so they agree more than independent votes would; counted as independent they make the posterior too
+        sure. 1 when the votes carry no clusters (counts given directly) or come from fewer than 2."""
+        groups = [tally for tally in self.clusters.values() if tally[1]]
         if len(groups) < 2 or not 0 < self.up < self.votes:
             return 1.0
         rate = self.up / self.votes
@@ -174,7 +186,7 @@ class ArmStats:
 
     def summary(self) -> dict:
         return {"arm": self.arm, "adapter": self.adapter, "up": self.up, "down": self.down,
-                "rate": round(self.rate, 4) if self.votes else None, "requests": len(self.requests),
+                "rate": round(self.rate, 4) if self.votes else None, "clusters": sum(1 for t in self.clusters.values() if t[1]),
                 "design_effect": round(self.design_effect, 3)}
 
 
@@ -330,24 +342,31 @@ class Guardrail:
         """Forget the old counts; seek every partition to the new rollout's start."""
         from kafka import KafkaConsumer, TopicPartition
 
-        self.rollout, self.seen, self.rejected = current, set(), 0
+        # The rollout is set last: a start that fails (broker down, a topic not there yet) is tried again whole at
+        # the next look, with a fresh consumer, rather than counting from wherever a half-made consumer stands.
+        self.rollout, self.seen, self.rejected = None, set(), 0
         self.stats = {name: ArmStats(name, current.arm(name).adapter) for name in ("A", "B")}
-        if self._consumer is None:
-            self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), enable_auto_commit=False,
-                                           client_id="alignloop-guardrail")
-            self._partitions = []
-            for topic in (self.topics.generations, self.topics.feedback):
-                ids = self._consumer.partitions_for_topic(topic)
-                if not ids:
-                    raise GuardrailError(f"topic {topic!r} does not exist on {self.bootstrap}; create it with "
-                                         "`alignloop kafka topics`")
-                self._partitions += [TopicPartition(topic, p) for p in sorted(ids)]
-            self._consumer.assign(self._partitions)
-        since_ms = int((current.started_at.timestamp() - self.config.lookback_s) * 1000)
-        found = self._consumer.offsets_for_times({tp: since_ms for tp in self._partitions})
-        end = self._consumer.end_offsets(self._partitions)  # an offset, not seek_to_end: that one resolves later
-        for tp in self._partitions:
-            self._consumer.seek(tp, end[tp] if found[tp] is None else found[tp].offset)  # None: nothing that recent
+        try:
+            if self._consumer is None:
+                self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), enable_auto_commit=False,
+                                               client_id="alignloop-guardrail")
+                self._partitions = []
+                for topic in (self.topics.generations, self.topics.feedback):
+                    ids = self._consumer.partitions_for_topic(topic)
+                    if not ids:
+                        raise GuardrailError(f"topic {topic!r} does not exist on {self.bootstrap}; create it with "
+                                             "`alignloop kafka topics`")
+                    self._partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+                self._consumer.assign(self._partitions)
+            since_ms = int((current.started_at.timestamp() - self.config.lookback_s) * 1000)
+            found = self._consumer.offsets_for_times({tp: since_ms for tp in self._partitions})
+            end = self._consumer.end_offsets(self._partitions)  # an offset, not seek_to_end: that one resolves later
+            for tp in self._partitions:
+                self._consumer.seek(tp, end[tp] if found[tp] is None else found[tp].offset)  # None: nothing that recent
+        except BaseException:
+            self.close()
+            raise
+        self.rollout = current
         log.info("guardrail: counting rollout %s from %s", current.describe(), current.started_at.isoformat())
 
     def _read_to_end(self) -> None:
@@ -378,7 +397,8 @@ class Guardrail:
             return
         self.seen.add(event.event_id)
         if isinstance(event, FeedbackEvent):
-            stats.add_vote(event.request_id, event.vote == "up")
+            voter = event.user_hash or event.request_id  # arms are sticky per user: a user's votes are one cluster
+            stats.add_vote(voter, event.vote == "up", key=(event.image_id, voter))
         elif isinstance(event, GenerationEvent):
             tally = stats.rewards.setdefault(event.reward_model or "unknown", RewardTally())
             for image in event.images:
@@ -400,7 +420,7 @@ def watch(bootstrap: str, topics=None, registry_url: Optional[str] = None,
         while True:
             try:
                 decision = guardrail.step()
-            except (GuardrailError, KafkaError, OSError) as err:
+            except (GuardrailError, KafkaError, OSError, RegistryError) as err:
                 if once:
                     raise
                 log.warning("guardrail: %s; trying again in %.0f s", err, config.poll_s)  # a broker or store blip

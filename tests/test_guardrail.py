@@ -43,8 +43,8 @@ def test_ten_points_better_is_promoted_and_ten_worse_rolled_back():
     better = decide(*_arms(180, 400, 220, 400), FAST, T0 + HOUR, T0)  # 0.45 vs 0.55
     assert better.action == "promote" and better.reason.startswith("B is better: P(B>A)=0.99")
     n = better.numbers
-    assert n["a"] == {"arm": "A", "adapter": "v000001", "up": 180, "down": 220, "rate": 0.45, "requests": 0,
-                      "design_effect": 1.0}  # counts given directly: no requests, each vote independent
+    assert n["a"] == {"arm": "A", "adapter": "v000001", "up": 180, "down": 220, "rate": 0.45, "clusters": 0,
+                      "design_effect": 1.0}  # counts given directly: no clusters, each vote independent
     assert n["b"]["rate"] == 0.55 and n["p_b_beats_a"] > 0.99 and n["p_b_beats_a_by_min_lift"] >= 0.99
     assert 0 <= n["expected_loss_b"] < 0.001 and n["exposure_s"] == 3600.0
     assert "thumbs-up B 0.550 (220/400) vs A 0.450 (180/400)" in better.reason
@@ -133,6 +133,34 @@ def test_equal_arms_with_clustered_votes_are_promoted_far_less_often_counted_by_
     assert 2 * by_request <= by_vote, (by_request, by_vote)
 
 
+def test_a_users_votes_are_one_cluster_and_a_changed_vote_replaces_the_first(tmp_path):
+    """Arms are sticky per user, so a user's votes over all their requests are one cluster of the design effect
+    (anonymous votes: their request's); a user who votes up, then down, then up on one image counts once, up."""
+    from alignloop.guardrail import Guardrail
+
+    guardrail = Guardrail(Registry(tmp_path / "registry"), "127.0.0.1:1")
+    guardrail.rollout = type("CountingSince", (), {"started_at": T0})()  # _count reads only its start
+    guardrail.stats = {"A": ArmStats("A", "base"), "B": ArmStats("B", "v000001")}
+    alice = "a" * 64
+
+    def vote(request, image, up, user=alice):
+        guardrail._count(FeedbackEvent(request_id=request, image_id=image, vote="up" if up else "down",
+                                       user_hash=user, arm="B", adapter_version="v000001",
+                                       image_uri=f"file:///images/{image}.png"))
+
+    for r in range(10):  # 10 requests, 4 images each, every vote up
+        for i in range(4):
+            vote(f"r{r}", f"r{r}-{i}", True)
+    vote("r0", "r0-0", False)
+    b = guardrail.stats["B"]
+    assert (b.up, b.down, b.clusters) == (39, 1, {alice: [39, 40]})
+    vote("r0", "r0-0", True)
+    assert (b.up, b.down, b.clusters) == (40, 0, {alice: [40, 40]})
+    for i in range(2):  # anonymous: one cluster a request
+        vote("anon-1", f"anon-1-{i}", False, user=None)
+    assert b.clusters["anon-1"] == [0, 2] and b.votes == 42 and b.summary()["clusters"] == 2
+
+
 def test_no_decision_below_the_minimum_sample():
     config = GuardrailConfig(min_votes=200, draws=20_000)
     decision = decide(*_arms(20, 199, 190, 400), config, T0 + HOUR, T0)  # B far ahead, A one vote short
@@ -218,6 +246,23 @@ def _generation(arm: str, adapter: str, rewards) -> GenerationEvent:
     return GenerationEvent(request_id=request, prompt="two red squares", arm=arm, adapter_version=adapter,
                            params=GenerationParams(n=len(images), k=len(images), steps=10, guidance=5.0, seed=1),
                            images=images, reward_model="v000001")
+
+
+def test_a_start_that_fails_is_tried_again_whole_at_the_next_look(kafka_broker, tmp_path):
+    """The topics are not there yet when a canary is first seen (e.g. created by the deployment after the guardrail
+    started): the look fails, and the guardrail keeps no rollout and no half-made consumer, so every next look starts
+    over (it used to keep the rollout, and then counted nothing from no partitions, for good)."""
+    from alignloop.feedback.config import Topics
+    from alignloop.guardrail import Guardrail, GuardrailError
+
+    reg = Registry(tmp_path / "registry")
+    v1 = rollout.publish_adapter(reg, {rollout.ADAPTER_FILE: _lora()}, who="trainer", why="rwr").version
+    rollout.start_canary(reg, v1, 0.5, who="nightly", why="try v1")
+    guardrail = Guardrail(reg, kafka_broker.bootstrap, Topics().prefixed(f"absent-{uuid.uuid4().hex[:8]}-"))
+    for _ in range(2):
+        with pytest.raises(GuardrailError, match="does not exist"):
+            guardrail.step()
+        assert guardrail.rollout is None and guardrail._consumer is None
 
 
 def test_watch_once_promotes_then_catches_reward_hacking(kafka_broker, kafka_topics, tmp_path, capsys):
