@@ -77,6 +77,7 @@ class Dataset:
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)  # topic -> partition -> next offset
     rejected: int = 0
     version: int = 0
+    image_ids: set[str] = field(default_factory=set)  # image_ids already in the dataset
 
     def add(self, event: GenerationEvent | FeedbackEvent) -> bool:
         event_id = str(event.event_id)
@@ -86,6 +87,14 @@ class Dataset:
         if isinstance(event, GenerationEvent):
             p = event.params
             for image in event.images:
+                if image.image_id in self.image_ids:
+                    # A second image under one id would collide on images/<image_id>.png (and make the vote
+                    # join ambiguous): keep the first, reject this one like a malformed record.
+                    self.rejected += 1
+                    log.warning("skipping image %s of event %s: image_id already in the dataset",
+                                image.image_id, event_id)
+                    continue
+                self.image_ids.add(image.image_id)
                 self.generations.append({
                     "image_id": image.image_id, "request_id": event.request_id, "event_id": event_id, "ts": event.ts,
                     "user_hash": event.user_hash, "prompt": event.prompt, "arm": event.arm,
@@ -138,6 +147,7 @@ def load(out: Path) -> Dataset:
         version=manifest["version"],
     )
     data.seen = {row["event_id"] for row in data.generations} | {row["event_id"] for row in data.feedback}
+    data.image_ids = {row["image_id"] for row in data.generations}
     return data
 
 
@@ -255,17 +265,21 @@ class SnapshotWriter:
         for row in self.data.generations:
             target = images / f"{row['image_id']}.png"
             previous = parent / row["image_path"] if parent and row["image_path"] else None
-            if previous and previous.exists():
+            if target.exists():
+                pass  # a version written before image_ids were deduped can hold one id twice: one file serves both
+            elif previous and previous.exists():
                 os.link(previous, target)
             else:
                 try:
-                    target.write_bytes(self.store.get(row["image_uri"]))
-                    fsync_file(target)
-                except (FileNotFoundError, ValueError) as err:
+                    png = self.store.get(row["image_uri"])
+                except (OSError, ValueError) as err:  # any store failure for one image, not only "not found"
                     missing += 1
                     log.warning("image %s not copied: %s", row["image_uri"], err)
                     row["image_path"] = None
                     continue
+                # Errors writing our own folder stay fatal: they are not one bad image.
+                target.write_bytes(png)
+                fsync_file(target)
             row["image_path"] = f"images/{target.name}"
         fsync_dir(images)
         # 2. Tables.

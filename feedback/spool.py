@@ -120,16 +120,18 @@ class Spool:
 
     def advance(self, pos: Position, count: int) -> None:
         """Mark everything before `pos` (`count` records) as delivered; deletes fully replayed segments."""
-        for seq in range(self._cursor.segment, pos.segment):
-            self._drop_segment(seq)
+        first = self._cursor.segment
         self._cursor = pos
         self._depth -= count
         if self._depth == 0:
             # Everything replayed: start a fresh segment so the spool's disk use returns to zero.
-            self._drop_segment(self._active_seq)
             self._open_segment(self._active_seq + 1)
             self._cursor = Position(self._active_seq, 0)
-        write_durably(self.path / "cursor", f"{self._cursor.segment} {self._cursor.offset}\n".encode())
+        # The cursor is durable before any segment goes: a crash in between leaves only already-replayed
+        # segments behind the cursor (recovery deletes them), never a cursor naming a deleted segment.
+        self._write_cursor()
+        for seq in range(first, self._cursor.segment):
+            self._drop_segment(seq)
         self._bytes = self._measure()
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -147,6 +149,13 @@ class Spool:
             if seq < self._cursor.segment:
                 self._segment_path(seq).unlink()
         segments = [s for s in segments if s >= self._cursor.segment]
+        if cursor_file.exists() and self._cursor.segment not in segments:
+            # A spool written before the cursor went durable ahead of deletes can name a deleted segment;
+            # everything in it was delivered. Resume at the next segment's start (at worst re-sending its
+            # delivered head, which at-least-once allows), and persist that, so records appended to a
+            # segment recreated under this number are never skipped by a stale offset.
+            self._cursor = Position(segments[0] if segments else self._cursor.segment, 0)
+            self._write_cursor()
         if segments:
             self._truncate_torn_tail(self._segment_path(segments[-1]))
         self._active_seq = segments[-1] if segments else self._cursor.segment
@@ -176,6 +185,9 @@ class Spool:
             with open(path, "r+b") as f:
                 f.truncate(good)
                 os.fsync(f.fileno())
+
+    def _write_cursor(self) -> None:
+        write_durably(self.path / "cursor", f"{self._cursor.segment} {self._cursor.offset}\n".encode())
 
     def _open_segment(self, seq: int) -> None:
         if hasattr(self, "_active"):
