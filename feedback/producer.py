@@ -62,7 +62,8 @@ ACK_LATENCY = Histogram(
 class EventSink(Protocol):
     """What the service needs from a producer; MemorySink implements it for unit tests."""
 
-    def emit(self, event: GenerationEvent | FeedbackEvent) -> None: ...
+    def emit(self, event: GenerationEvent | FeedbackEvent) -> bool:
+        """True when the event is queued for Kafka; False when it was dropped (it never will be)."""
 
     def flush(self, timeout_s: float = 10.0) -> bool: ...
 
@@ -76,11 +77,12 @@ class MemorySink:
         self.events: list[GenerationEvent | FeedbackEvent] = []
         self.closed = False
 
-    def emit(self, event: GenerationEvent | FeedbackEvent) -> None:
+    def emit(self, event: GenerationEvent | FeedbackEvent) -> bool:
         _check_event(event)
         if self.closed:
             raise RuntimeError("emit() after close()")
         self.events.append(event)
+        return True
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         return True
@@ -128,8 +130,9 @@ class EventProducer:
 
     # -- the caller's side ----------------------------------------------------------------------------------
 
-    def emit(self, event: GenerationEvent | FeedbackEvent) -> None:
-        """Queue one event for Kafka. Raises only for a programming error (not an event, or after close)."""
+    def emit(self, event: GenerationEvent | FeedbackEvent) -> bool:
+        """Queue one event for Kafka: True, or False when the inbox is full (the shipper is stuck) and the event
+        was dropped. Raises only for a programming error (not an event, or after close)."""
         _check_event(event)
         topic = self.topics.generations if isinstance(event, GenerationEvent) else self.topics.feedback
         record = Record(topic, event.kafka_key(), event.to_json(), time.monotonic())
@@ -143,10 +146,11 @@ class EventProducer:
             EVENTS.labels(self._name, "dropped_inbox_full").inc()
             log.error("producer %s: inbox full (%d events); the shipper thread is stuck; event %s dropped",
                       self._name, self.config.inbox_records, event.event_id)
-            return
+            return False
         EVENTS.labels(self._name, "emitted").inc()
         if not self._wake.is_set():
             self._wake.set()
+        return True
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until Kafka acknowledged every event emitted so far (True), or timeout_s passed (False).

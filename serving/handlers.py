@@ -33,6 +33,10 @@ from alignloop.serving.votes import ANONYMOUS, VoteLedger
 log = logging.getLogger("alignloop.serving")
 
 
+class VoteNotQueued(Exception):
+    """The producer dropped a new vote's event (its inbox is full): 503, the client retries."""
+
+
 class SamplerLike(Protocol):
     def sample(self, prompt: str, n: int, k: int, steps: int, guidance: float, seed: Optional[int],
                adapter: str = "base") -> BestOfN: ...
@@ -142,9 +146,12 @@ class ServingCore:
                               image_uri=self.store.uri(claims.image_id))
         event_id, is_new = self.ledger.record(claims.image_id, user_hash or ANONYMOUS, req.vote, str(event.event_id))
 
-        # 3. Emit a new vote (a changed vote is new too)
-        if is_new:
-            self.sink.emit(event)
+        # 3. Emit a new vote (a changed vote is new too). One the producer dropped is undone in the ledger and
+        #    answered 503, so that the client's retry is recorded and emitted instead of a "duplicate" of nothing.
+        if is_new and not self.sink.emit(event):
+            self.ledger.forget(claims.image_id, user_hash or ANONYMOUS, event_id)
+            metrics.VOTES.labels(claims.arm, claims.adapter, req.vote, "not_queued").inc()
+            raise VoteNotQueued("the vote was not recorded: the event stream is backed up; retry in 1 s")
         outcome = "accepted" if is_new else "duplicate"
         metrics.VOTES.labels(claims.arm, claims.adapter, req.vote, outcome).inc()
         log_event("feedback", request_id=claims.request_id, image_id=claims.image_id, user=_short(user_hash),

@@ -16,7 +16,7 @@ ERROR_SCHEMA = {
                                                    "allowed range and the value received."},
         "reason": {"type": "string", "description": "Machine-readable reason: malformed, unknown_key, bad_signature, "
                                                     "expired, unauthenticated (401); other_identity (403); "
-                                                    "rate_limited (429); queue_full, busy, ledger_busy (503)."},
+                                                    "rate_limited (429); queue_full, busy, ledger_busy, vote_not_queued (503)."},
         "fields": {"type": "array", "description": "400: one entry per bad field.", "items": {
             "type": "object",
             "properties": {"field": {"type": "string"}, "message": {"type": "string"},
@@ -34,7 +34,8 @@ _ERRORS = {
     415: "The body is not application/json.",
     429: "Over this identity's rate limit for the route.",
     500: "Generation failed on the server (logged there); nothing about the request was wrong.",
-    503: "At capacity: the generation queue is full, too many requests are in flight, or the vote ledger is busy.",
+    503: "At capacity: the generation queue is full, too many requests are in flight, the vote ledger is busy, or "
+         "the event stream is backed up (the vote was not recorded).",
 }
 ROUTES = {"/generate": (200, (400, 401, 413, 415, 429, 500, 503)),
           "/feedback": (202, (400, 401, 403, 413, 415, 429, 503))}

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from alignloop.serving.admin import admin_app
 from alignloop.serving.batching import QueueFull
 from alignloop.serving.config import ServingConfig
-from alignloop.serving.handlers import ServingCore, TokenError, log_event
+from alignloop.serving.handlers import ServingCore, TokenError, VoteNotQueued, log_event
 from alignloop.serving.http import ApiErrorMiddleware, install_log_filters, json_error, ui_app
 from alignloop.serving.identity import IdentityError, resolve_identity
 from alignloop.serving.limits import AdmissionMiddleware
@@ -126,6 +126,8 @@ class AlignLoop:
             response = self.core.feedback(request, identity)
         except (IdentityError, TokenError) as err:
             return _error(ctx, getattr(err, "status", 401), str(err), reason=err.reason)
+        except VoteNotQueued as err:
+            return _error(ctx, 503, str(err), reason="vote_not_queued", retry_after_s=1)
         except sqlite3.OperationalError:  # the vote ledger stayed locked past its timeout: other workers' writes
             log.warning("vote ledger busy; answered 503")
             return _error(ctx, 503, "the vote was not recorded: the server is busy; retry in 1 s", reason="ledger_busy",

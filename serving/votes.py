@@ -1,6 +1,7 @@
 """The vote ledger: what makes a vote idempotent per (image, user), across requests, workers and restarts.
 
     ledger.record(image_id, voter, vote, event_id) -> (event_id, is_new)
+    ledger.forget(image_id, voter, event_id)   # a recorded vote whose event could not be queued: undo it
 
 A repeated identical vote returns the event id of the first one and is_new=False (nothing is emitted); a
 changed vote (up, then down) is a new event. `SqliteLedger` is shared by all workers of a host through one
@@ -20,6 +21,9 @@ ANONYMOUS = "-"  # voter key of votes without a user id: one vote per image
 class VoteLedger(Protocol):
     def record(self, image_id: str, voter: str, vote: str, event_id: str) -> tuple[str, bool]: ...
 
+    def forget(self, image_id: str, voter: str, event_id: str) -> None:
+        """Drop the row if it still holds `event_id`, so that the client's retry of that vote is new again."""
+
 
 class MemoryLedger:
     def __init__(self):
@@ -33,6 +37,11 @@ class MemoryLedger:
                 return previous[1], False
             self._rows[(image_id, voter)] = (vote, event_id)
             return event_id, True
+
+    def forget(self, image_id: str, voter: str, event_id: str) -> None:
+        with self._lock:
+            if self._rows.get((image_id, voter), (None, None))[1] == event_id:
+                del self._rows[(image_id, voter)]
 
 
 class SqliteLedger:
@@ -75,3 +84,7 @@ class SqliteLedger:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def forget(self, image_id: str, voter: str, event_id: str) -> None:
+        self._connect().execute("DELETE FROM votes WHERE image_id = ? AND voter = ? AND event_id = ?",
+                                (image_id, voter, event_id))

@@ -343,6 +343,37 @@ def test_core_feedback_dedupes_and_expires(core):
     assert err.value.reason == "expired"
 
 
+class _StuckOnce(MemorySink):
+    """A producer whose inbox is full for the first vote: it drops that event, as EventProducer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop_next_vote = True
+
+    def emit(self, event):
+        if isinstance(event, FeedbackEvent) and self.drop_next_vote:
+            self.drop_next_vote = False
+            return False
+        return super().emit(event)
+
+
+@pytest.mark.parametrize("ledger", ["memory", "sqlite"])
+def test_a_vote_the_producer_dropped_is_not_recorded_so_its_retry_is_emitted(core, tmp_path, ledger):
+    from alignloop.serving.handlers import VoteNotQueued
+    from alignloop.serving.votes import SqliteLedger
+
+    core.sink = _StuckOnce()
+    if ledger == "sqlite":
+        core.ledger = SqliteLedger(tmp_path / "votes.sqlite", retention_s=3600)
+    token = core.generate(GenerateRequest(prompt="two blue squares", n=2, k=1, user_id="ivan")).images[0].feedback_token
+    with pytest.raises(VoteNotQueued):
+        core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="ivan"))
+    retry = core.feedback(FeedbackRequest(feedback_token=token, vote="up", user_id="ivan"))
+    assert retry.status == "accepted"  # not a "duplicate" of a vote that never reached the stream
+    votes = [e for e in core.sink.events if isinstance(e, FeedbackEvent)]
+    assert [str(v.event_id) for v in votes] == [retry.event_id]
+
+
 def test_config_round_trips_through_the_environment():
     config = ServingConfig(workers=2, max_batch_images=32, cross_request_batching=False, default_guidance=5.0)
     assert ServingConfig.from_env(config.to_env()) == config
