@@ -39,7 +39,7 @@ import torch
 from alignloop.adapters import AdapterRejected, base_model_identity, validate_adapter
 from alignloop.generation import generate
 from alignloop.serving import metrics
-from alignloop.serving.polling import Poller
+from alignloop.serving.polling import Poller, transient
 from alignloop.serving.config import ArmSpec
 
 log = logging.getLogger("alignloop.serving")
@@ -249,8 +249,11 @@ class RolloutFollower(Poller):
             except SlotsBusy as err:
                 log.warning("rollout %s waits: %s", target.rollout_id, err)
                 return False
-            except Exception as err:  # noqa: BLE001 - AdapterRejected, RegistryError, a failed smoke test
-                return self._refuse(version, manifest, str(err), target)
+            except Exception as err:  # noqa: BLE001
+                if not transient(err):  # AdapterRejected, RegistryError (a checksum), a failed smoke test
+                    return self._refuse(version, manifest, str(err), target)
+                log.warning("rollout %s waits: adapter %s not loaded this time: %s", target.rollout_id, version, err)
+                return False
         previous, self.table = self.table, target  # one reference: a request reads the old table or the new
         self.last_switch = {"from": previous.rollout_id, "to": target.rollout_id,
                             "switch_s": round(time.monotonic() - noticed, 4), "at": time.time()}

@@ -3,6 +3,15 @@
 import threading
 
 
+def transient(err: BaseException) -> bool:
+    """A failure to try again at the next poll, not to refuse a version for until its manifest changes: the store
+    or the network failing (OSError: s3fs and local files raise it) or no memory just now (a CUDA OOM while another
+    adapter is still resident)."""
+    import torch
+
+    return isinstance(err, (OSError, MemoryError, torch.cuda.OutOfMemoryError))
+
+
 class Poller:
     """Calls `reconcile()` once at `start()`, then every `poll_s` seconds on a daemon thread until `close()`.
     Subclasses set `poll_s` and define `reconcile()` (which must not raise: the next poll tries again)."""

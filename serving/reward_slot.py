@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from alignloop.serving import metrics
-from alignloop.serving.polling import Poller
+from alignloop.serving.polling import Poller, transient
 
 log = logging.getLogger("alignloop.serving")
 CLIP_SCORE = "clip"  # the name of the reward when no head is live
@@ -75,6 +75,10 @@ class RegistryFollower(Poller):
         try:
             scorer = self._load_checked(live.version)
         except Exception as err:  # noqa: BLE001 - any failure leaves the current model serving
+            if transient(err):  # a store blip or no memory now: tried again at the next poll
+                log.warning("reward %s not loaded this time, %s keeps serving: %s", live.version,
+                            self.slot.current()[1], err)
+                return None
             self._refused[live.version] = live
             metrics.REWARD_MODEL_SWAPS.labels("refused").inc()
             log.error("reward %s not swapped in, %s keeps serving: %s", live.version, self.slot.current()[1], err)

@@ -49,6 +49,26 @@ def test_the_live_head_replaces_clip_score_and_bad_heads_are_refused(clip, tmp_p
     assert torch.equal(slot.current()[0].score(images, "two red circles"), rewards)
 
 
+def test_a_store_blip_is_retried_at_the_next_poll_not_refused(clip, tmp_path, monkeypatch):
+    """An OSError fetching the live head (an object store timing out) leaves the current scorer serving and the head
+    not refused: the next poll swaps it in (a refusal would have lasted until its manifest changed)."""
+    registry = Registry(tmp_path / "registry")
+    slot = RewardSlot(RewardScorer(clip))
+    follower = RegistryFollower(slot, str(tmp_path / "registry"), backend="torch", poll_s=60)
+    head = _publish(registry, tmp_path, RewardHead(clip.embed_dim, (32, 16)), "good", clip_hash=clip_hash(clip))
+    fetch = follower.registry.fetch
+    blips = iter([OSError("s3: read timed out")])
+
+    def flaky_fetch(*args, **kwargs):
+        for err in blips:
+            raise err
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(follower.registry, "fetch", flaky_fetch)
+    assert follower.reconcile() is None and slot.current()[1] == "clip" and not follower._refused
+    assert follower.reconcile() == f"reward:{head.version}"
+
+
 def test_a_request_keeps_the_scorer_it_started_with(clip):
     slot = RewardSlot(RewardScorer(clip))
     scorer, name = slot.current()
