@@ -313,8 +313,8 @@ def lora_config_from_header(header: dict, what: str) -> dict:
                               "alignloop.adapters.save_adapter")
     try:
         packed = json.loads(raw)
-    except ValueError:
-        raise AdapterRejected(f"{what}: the LoRA metadata in {WEIGHTS} is not JSON") from None
+    except (ValueError, TypeError, RecursionError):  # not text (a number in an uploaded header), or nested deep
+        raise AdapterRejected(f"{what}: the LoRA metadata in {WEIGHTS} is not JSON text") from None
     config = {k[len(PREFIX):]: v for k, v in packed.items() if k.startswith(PREFIX)} if isinstance(packed, dict) else {}
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)

@@ -93,9 +93,11 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
         if not why:
             raise _BadRequest("query parameter why must say why this adapter is published (it goes into its history)")
         body = await _bounded_body(request, max_upload_bytes)
+        if not body:
+            raise _BadRequest("the body is empty; send the adapter's pytorch_lora_weights.safetensors as the body")
         try:
             header = _header_of(body)
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
             raise _BadRequest("the body is not a safetensors file (send pytorch_lora_weights.safetensors)") from None
         try:
             config = lora_config_from_header(header, "the uploaded adapter")  # rank, alpha, target modules
@@ -177,25 +179,26 @@ def _header_of(body: bytes) -> dict:
     return metadata
 
 
-async def _bounded_body(request: Request, limit: int) -> bytes:
+async def _bounded_body(request: Request, limit: int, what: str = "the adapter file") -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise _BadRequest(f"the adapter file is {declared} bytes; at most {limit} are accepted", status=413)
+        raise _BadRequest(f"{what} is {declared} bytes; at most {limit} are accepted", status=413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _BadRequest(f"the adapter file is over {limit} bytes", status=413)
+            raise _BadRequest(f"{what} is over {limit} bytes", status=413)
         chunks.append(chunk)
-    if not size:
-        raise _BadRequest("the body is empty; send the adapter's pytorch_lora_weights.safetensors as the body")
     return b"".join(chunks)
+
+
+MAX_JSON_BYTES = 64 * 1024  # the admin routes' JSON bodies (a version, a share, a why): the API's own bound
 
 
 async def _json(request: Request, required: dict) -> dict:
     try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError:
+        body = json.loads(await _bounded_body(request, MAX_JSON_BYTES, what="the JSON body") or b"null")
+    except (ValueError, RecursionError):
         raise _BadRequest("the body must be JSON") from None
     if not isinstance(body, dict):
         raise _BadRequest(f"the body must be a JSON object with {sorted(required)}")

@@ -118,7 +118,18 @@ def test_admin_publish_canary_promote_rollback(admin, tmp_path):
     odd_header = json.dumps({**json.loads(body[8:8 + size]), "__metadata__": [METADATA_KEY]}).encode()
     odd = len(odd_header).to_bytes(8, "little") + odd_header + body[8 + size:]
     assert client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=odd, headers=auth).status_code == 400
+    # LoRA metadata that is a number, not JSON text, and an empty body: 400 saying so (the number was a 500)
+    number_header = json.dumps({**json.loads(body[8:8 + size]), "__metadata__": {METADATA_KEY: 5}}).encode()
+    number = len(number_header).to_bytes(8, "little") + number_header + body[8 + size:]
+    answer = client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=number, headers=auth)
+    assert answer.status_code == 400 and "not JSON text" in answer.json()["error"], answer.text
+    empty = client.post(f"/adapters?why=x&base_unet_sha256={sha}", content=b"", headers=auth)
+    assert empty.status_code == 400 and "the body is empty" in empty.json()["error"]
     assert registry.versions("adapter") == []
+    # the JSON routes' bodies are bounded too (413), and deep nesting is a 400, not a 500
+    huge = client.post("/rollout/canary", content=b" " * (65 * 1024), headers=auth)
+    assert huge.status_code == 413 and "the JSON body" in huge.json()["error"]
+    assert client.post("/rollout/canary", content=b"[" * 60_000, headers=auth).status_code == 400
     made = client.post(f"/adapters?why=nightly&base_unet_sha256={sha}", content=body, headers=auth)
     assert made.status_code == 201, made.text
     version = made.json()["version"]
