@@ -248,6 +248,18 @@ def test_train_kto_from_a_snapshot_publishes_a_candidate_with_its_manifest(pipe,
     assert steps == [1, 2, 3]
 
 
+def test_votes_on_prompts_naming_held_out_pairs_are_dropped_before_the_redraw_not_refused(pipe, tmp_path):
+    # Snapshots are cumulative: refusing them would fail every later nightly fine-tune after one such vote.
+    from alignloop.trainer.finetune_job import redraw_voted
+    from alignloop.trainer.reward_model import read_snapshot
+
+    folder = voted_snapshot(tmp_path / "snap", pipe, ["two circles", "a red triangle", "one square", "Three circles."])
+    rows, version, _ = read_snapshot(folder)
+    samples, votes, report = redraw_voted(pipe, rows, version, registry=None, progress=False)
+    assert [p.text for p in samples.prompts] == ["two circles", "one square"] and votes.tolist() == [1, 1]
+    assert report["held_out_pair_votes"] == 2 and report["voted"] == 4 and report["redrawn"] == 2
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", "has no votes"),
     ("redraw differs", "could be redrawn as the users saw them"),

@@ -290,6 +290,113 @@ def test_config_errors_name_the_flag(capsys):
         RewardTrainConfig(hidden=(10,))
 
 
+# -- data hygiene: held-out pairs, the split's key, the cap on training votes, the embedding cache ---------------
+
+
+def _split_prompts(fraction):
+    """(a seen count prompt the split trains on, one it holds out) at `fraction`."""
+    texts = [p.text for p in split("seen") if p.category == "count"]
+    held = held_out_mask(texts, fraction)
+    return texts[int(np.argmin(held))], texts[int(np.argmax(held))]
+
+
+def _arrays(prompts, labels, seed=0):
+    """Rendered images [B,32,32,3] of each prompt (an up-vote) or of another count of its shape (a down-vote)."""
+    from alignloop.world.grammar import parse_prompt
+
+    rng = random.Random(seed)
+    images = []
+    for prompt, label in zip(prompts, labels):
+        parsed = parse_prompt(prompt)
+        wrong = [q for q in split("seen") if q.category == "count" and q.shape == parsed.shape and q != parsed]
+        images.append(render(parsed if label else rng.choice(wrong), rng))
+    return np.stack(images)
+
+
+def test_votes_on_prompts_naming_held_out_pairs_are_dropped_and_counted(tmp_path):
+    votes = _easy_votes(per_prompt=2)
+    outside = [("a photo of a dog", image, label, "user-9") for _, image, label, _ in votes[:2]]
+    held_out_pairs = [(prompt, image, label, "user-8") for prompt, (_, image, label, _) in
+                      zip(["a red triangle", "A Red Triangle.", "three circles"], votes)]
+    snapshot = _snapshot(tmp_path / "snapshot", votes + outside + held_out_pairs)
+    logs = []
+    config = RewardTrainConfig(hidden=(16,), epochs=1, held_out_fraction=0.0)
+    report = train_reward(snapshot, config, out=tmp_path / "a", publish=False, progress=False, log=logs.append)
+    # Prompts outside the world are kept (and skip prompt classification), as before.
+    assert report["metrics"]["train_votes"] == len(votes) + 2 and report["metrics"]["unparseable_votes"] == 2
+    assert report["data"]["hygiene"]["held_out_pair_votes"] == 3
+    assert "3 dropped for naming held-out pairs" in logs[0]
+
+
+def test_variants_of_a_prompt_fall_on_one_side_of_the_split_and_pair_in_its_accuracy():
+    texts = [p.text for p in split("seen")] + ["a photo of a dog", "two dogs on a sofa"]
+    for fraction in (0.1, 0.5):
+        for text in texts:
+            variants = [text, text.upper(), f"  {text}.", text.replace(" ", "  ").capitalize() + "."]
+            assert len(set(held_out_mask(variants, fraction))) == 1, variants
+    # Up-votes on one variant and down-votes on another of the held-out prompt are pairs of one prompt.
+    from alignloop.trainer.reward_model import train_reward_from_arrays
+
+    trained_prompt, held_prompt = _split_prompts(0.5)
+    prompts = [trained_prompt] * 4 + [held_prompt.capitalize() + "."] * 2 + [f" {held_prompt}  "] * 2
+    labels = [1, 0, 1, 0, 1, 1, 0, 0]
+    trained = train_reward_from_arrays(_arrays(prompts, labels), prompts, labels,
+                                       config=RewardTrainConfig(hidden=(16,), epochs=1, held_out_fraction=0.5))
+    assert trained.counts["held_out_votes"] == 4 and trained.counts["train_votes"] == 4
+    assert trained.counts["held_out_prompts"] == 1 and trained.counts["held_out_pairs"] == 4
+
+
+def test_the_per_user_cap_is_a_share_of_the_training_votes():
+    from alignloop.trainer.reward_model import train_reward_from_arrays
+
+    trained_prompt, held_prompt = _split_prompts(0.5)
+    # heavy: 20 of all 100 votes (within a 25% cap) but 20 of the 60 training votes (above it)
+    votes = [(trained_prompt, "heavy")] * 20
+    for user in "abcd":
+        votes += [(trained_prompt, user)] * 10 + [(held_prompt, user)] * 10
+    prompts, users = [p for p, _ in votes], [u for _, u in votes]
+    labels = [i % 2 for i in range(len(votes))]
+    config = RewardTrainConfig(hidden=(16,), epochs=1, held_out_fraction=0.5, max_user_share=0.25, min_user_votes=0)
+    trained = train_reward_from_arrays(_arrays(prompts, labels), prompts, labels, users, config=config)
+    # the largest c with c <= 0.25 * (c + 40): 13 of heavy's 20 stay, 13 of the 53 training votes
+    assert trained.hygiene["user_cap"] == 13 and trained.hygiene["capped_votes"] == 7
+    assert trained.hygiene["capped_users"] == 1
+    assert trained.counts["train_votes"] == 53 and trained.counts["held_out_votes"] == 40  # held out: all kept
+    rows = [{"image_id": str(i), "user_hash": u, "label": y, "ts": i, "prompt": p}
+            for i, (p, u, y) in enumerate(zip(prompts, users, labels))]
+    kept, report = clean_votes(rows, 0.25, 0, held_out_fraction=0.5)
+    assert sum(1 for r in kept if r["user_hash"] == "heavy") == 13 and report["held_out_user_cap"] == 10
+
+
+def test_training_votes_of_one_kind_are_a_clear_error_even_with_both_kinds_held_out():
+    from alignloop.errors import UserFacingError
+    from alignloop.trainer.reward_model import train_reward_from_arrays
+
+    trained_prompt, held_prompt = _split_prompts(0.5)
+    prompts = [trained_prompt] * 6 + [held_prompt] * 4
+    labels = [1] * 6 + [1, 0, 0, 0]  # every down-vote is on the held-out prompt
+    with pytest.raises(UserFacingError, match=r"all 6 votes on training prompts \(the others are held out for the "
+                                              r"gate\) are up-votes: a reward model needs both"):
+        train_reward_from_arrays(_arrays(prompts, labels), prompts, labels,
+                                 config=RewardTrainConfig(hidden=(16,), epochs=1, held_out_fraction=0.5))
+
+
+def test_an_empty_cached_embedding_is_recomputed_and_rewritten(tmp_path):
+    from alignloop.models import load_clip
+    from alignloop.trainer.reward_model import embed_images
+
+    clip = load_clip(device="cpu")
+    images = _arrays(["two circles", "one square"], [1, 1])
+    images_for = lambda ids: images[[int(i) for i in ids]]  # noqa: E731
+    fresh = embed_images(clip, images_for, ["0", "1"], cache_dir=tmp_path)
+    cached = sorted(tmp_path.glob("*/*.npy"))
+    assert len(cached) == 2
+    cached[0].write_bytes(b"")  # a power loss between creating the file and writing it
+    again = embed_images(clip, images_for, ["0", "1"], cache_dir=tmp_path)
+    np.testing.assert_allclose(again, fresh, rtol=1e-5, atol=1e-6)
+    assert np.load(cached[0]).shape == (clip.embed_dim,)  # rewritten: later runs read it
+
+
 # -- the benchmark ------------------------------------------------------------------------------------------
 
 

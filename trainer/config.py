@@ -33,7 +33,7 @@ class RewardTrainConfig:
     # Data
     max_user_share: float = 0.05  # largest share of the training votes one user may keep (see clean_votes), (0, 1]
     min_user_votes: int = 50  # votes every user keeps whatever the share: small datasets are not thinned, >= 0
-    held_out_fraction: float = 0.1  # share of prompts (by hash of the prompt text) held out for the gate, [0, 1)
+    held_out_fraction: float = 0.1  # share of prompts (by hash of the normalized prompt) held out for the gate, [0, 1)
 
     def __post_init__(self):
         from alignloop.kernels.config import HeadConfig

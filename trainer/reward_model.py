@@ -3,11 +3,12 @@
     alignloop train reward --snapshot DIR [--out DIR] [--registry URL] [--no-publish]
 
     1. Read      a snapshot's votes.parquet and images/<image_id>.png (alignloop.feedback.snapshot's layout)
-    2. Clean     vote hygiene: the latest vote per (image, user), anonymous votes once per image, each
-                 user's share of the votes capped (`clean_votes`)
+    2. Clean     vote hygiene: votes on prompts naming held-out pairs dropped (`drop_held_out_pair_votes`),
+                 the latest vote per (image, user), anonymous votes once per image, each user's share of the
+                 training votes capped, and of the held-out ones (`clean_votes`)
     3. Embed     frozen CLIP image embeddings, computed once and cached per image id; text embeddings of
                  every prompt and of its rule-perturbed alternatives
-    4. Split     a held-out part chosen by prompt hash, for the gate
+    4. Split     a held-out part chosen by the hash of the normalized prompt (`prompt_key`), for the gate
     5. Train     the head on
                      MSE(sigmoid(logit), vote)                                      Lee et al.
                    + λ · CE(softmax(logits of [true prompt, N-1 perturbed] / T), 0)  Lee et al. eq. 1
@@ -69,50 +70,84 @@ def _hash_order(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def clean_votes(rows: Sequence[dict], max_user_share: float = 0.05, min_user_votes: int = 50) -> tuple:
+def prompt_key(prompt: str) -> str:
+    """The prompt as the world reads it: its canonical text when it parses, else lowercased with whitespace and a
+    trailing period normalized as parse_prompt does. Variants of one prompt ("Three red  circles", "three red
+    circles.") share a key, so they fall on one side of the held-out split and pair in its accuracy."""
+    parsed = parse_prompt(prompt)
+    return parsed.text if parsed is not None else " ".join(prompt.lower().strip().rstrip(".").split())
+
+
+def drop_held_out_pair_votes(rows: Sequence[dict]) -> tuple:
+    """(rows, how many were dropped): the vote rows without those whose prompt names a held-out pair of the world
+    (alignloop.world.grammar: held-out pairs never enter the loop's training data). Prompts outside the world
+    are kept. Dropped, not refused: snapshots are cumulative, so one such vote would otherwise fail every later
+    run. Shared by the reward trainer and the fine-tuning job."""
+    kept = [r for r in rows if not getattr(parse_prompt(r.get("prompt") or ""), "unseen", False)]
+    return kept, len(rows) - len(kept)
+
+
+def _cap_users(rows: Sequence[dict], max_share: float, floor: int) -> tuple:
+    """(kept rows, {user: votes dropped}, cap): step 3 of clean_votes on one part of the votes."""
+    anonymous = [r for r in rows if not r.get("user_hash")]
+    by_user = defaultdict(list)
+    for row in rows:
+        if row.get("user_hash"):
+            by_user[row["user_hash"]].append(row)
+    cap = user_cap([len(v) for v in by_user.values()], len(anonymous), max_share, floor)
+    kept, capped = list(anonymous), {}
+    for user, votes in by_user.items():
+        votes = sorted(votes, key=lambda r: _hash_order(str(r["image_id"])))
+        kept += votes[:cap]
+        if len(votes) > cap:
+            capped[user] = len(votes) - cap
+    return kept, capped, cap
+
+
+def clean_votes(rows: Sequence[dict], max_user_share: float = 0.05, min_user_votes: int = 50,
+                held_out_fraction: float = 0.0) -> tuple:
     """The votes that count, and a report of what was dropped. Pure: `rows` are dicts with image_id,
-    user_hash (None or "" for anonymous), label, ts (anything orderable) and optionally event_id.
+    user_hash (None or "" for anonymous), label, ts (anything orderable), optionally event_id, and prompt
+    (needed when held_out_fraction > 0).
 
     1. The latest vote per (image, user) counts: a user who changes their mind is counted once, as they
        voted last (ties in ts broken by event_id).
     2. Anonymous votes count once per image (the latest): without a user there is no telling people apart.
-    3. No identified user keeps more than `max_user_share` of the votes, nor fewer than `min_user_votes`
-       of theirs (`user_cap`; anonymous votes are not capped, step 2 already bounds them). A user's excess
-       is dropped deterministically: they keep the votes whose image ids hash lowest, so the same data
-       always gives the same training set.
-    Returns (kept rows in (ts, event_id) order, report dict).
+    3. No identified user keeps more than `max_user_share` of the training votes, nor fewer than
+       `min_user_votes` of theirs (`user_cap`; anonymous votes are not capped, step 2 already bounds them).
+       The training votes are those fit() trains on: the rows whose prompt `held_out_mask(.., held_out_fraction)`
+       does not hold out. The held-out rows are capped separately, by the same rule on their own total, so
+       that one user can steer neither the head nor the gate that measures it. A user's excess is dropped
+       deterministically: they keep the votes whose image ids hash lowest, so the same data always gives the
+       same training set.
+    Returns (kept rows in (ts, event_id) order, report dict; user_cap is the training votes' cap).
     """
     # 1-2. Latest vote per (image, user), anonymous ones sharing one key per image
     order = sorted(rows, key=lambda r: (r["ts"], r.get("event_id") or ""))
     latest = {}
     for row in order:
         latest[(row["image_id"], row.get("user_hash") or None)] = row
-    anonymous = [r for (_, user), r in latest.items() if user is None]
-    by_user = defaultdict(list)
-    for (_, user), row in latest.items():
-        if user is not None:
-            by_user[user].append(row)
+    latest_rows = list(latest.values())
 
-    # 3. Cap each user's share
-    cap = user_cap([len(v) for v in by_user.values()], len(anonymous), max_user_share, min_user_votes)
-    kept = list(anonymous)
-    capped = {}
-    for user, votes in by_user.items():
-        votes = sorted(votes, key=lambda r: _hash_order(str(r["image_id"])))
-        kept += votes[:cap]
-        if len(votes) > cap:
-            capped[user] = len(votes) - cap
-    kept.sort(key=lambda r: (r["ts"], r.get("event_id") or ""))
+    # 3. Cap each user's share of the training votes, and of the held-out ones, after fit()'s split
+    held = held_out_mask([r.get("prompt") or "" for r in latest_rows], held_out_fraction)
+    train_kept, train_capped, cap = _cap_users([r for r, h in zip(latest_rows, held) if not h], max_user_share,
+                                               min_user_votes)
+    held_kept, held_capped, held_cap = _cap_users([r for r, h in zip(latest_rows, held) if h], max_user_share,
+                                                  min_user_votes)
+    kept = sorted(train_kept + held_kept, key=lambda r: (r["ts"], r.get("event_id") or ""))
 
     anonymous_in = sum(1 for r in rows if not r.get("user_hash"))
+    anonymous = sum(1 for r in latest_rows if not r.get("user_hash"))
     report = {
         "votes_in": len(rows),
-        "superseded": len(rows) - anonymous_in - sum(len(v) for v in by_user.values()),
-        "anonymous_repeats": anonymous_in - len(anonymous),
-        "users": len(by_user),
+        "superseded": len(rows) - anonymous_in - (len(latest_rows) - anonymous),
+        "anonymous_repeats": anonymous_in - anonymous,
+        "users": len({r["user_hash"] for r in latest_rows if r.get("user_hash")}),
         "user_cap": cap,
-        "capped_votes": sum(capped.values()),
-        "capped_users": len(capped),
+        "held_out_user_cap": held_cap,
+        "capped_votes": sum(train_capped.values()) + sum(held_capped.values()),
+        "capped_users": len(set(train_capped) | set(held_capped)),
         "votes": len(kept),
     }
     return kept, report
@@ -141,7 +176,7 @@ def embed_images(clip, images_for: Callable[[list], object], image_ids: Sequence
             paths[i] = Path(cache_dir) / key[:2] / f"{key}.npy"
             try:
                 out[i] = np.load(paths[i])
-            except (OSError, ValueError):  # absent, or a write a crash cut short
+            except (OSError, ValueError, EOFError):  # absent, or a write a crash cut short (an empty file: EOFError)
                 missing.append(i)
     for start in tqdm(range(0, len(missing), EMBED_BATCH), desc="embed images", disable=not progress):
         chunk = missing[start:start + EMBED_BATCH]
@@ -334,10 +369,11 @@ def train_head(ex: Examples, config: RewardTrainConfig, metrics_path: Optional[P
 
 def held_out_mask(prompts: Sequence[str], fraction: float) -> np.ndarray:
     """[M] bool: the rows whose prompt is held out. A prompt is held out when the first 8 bytes of
-    sha256(prompt) read as a fraction of 2**64 fall below `fraction`: deterministic, the same prompt
-    always on the same side, whatever else the snapshot holds."""
+    sha256(prompt_key(prompt)) read as a fraction of 2**64 fall below `fraction`: deterministic, the same
+    prompt always on the same side, whatever else the snapshot holds. The key, not the raw text: variants of
+    one prompt (case, spaces, a trailing period) on both sides would leak the held-out prompts into training."""
     def side(prompt: str) -> bool:
-        return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64 < fraction
+        return int.from_bytes(hashlib.sha256(prompt_key(prompt).encode()).digest()[:8], "big") / 2**64 < fraction
 
     sides = {p: side(p) for p in set(prompts)}
     return np.array([sides[p] for p in prompts], dtype=bool)
@@ -357,6 +393,12 @@ def preference_accuracy(scores, groups, labels) -> tuple:
             wins += float((up[:, None] > down[None, :]).sum()) + 0.5 * float((up[:, None] == down[None, :]).sum())
             pairs += len(up) * len(down)
     return (wins / pairs if pairs else None), pairs
+
+
+def prompt_groups(ex: Examples) -> np.ndarray:
+    """[M] each row's prompt_key: the groups of the held-out preference accuracy, so that an up- and a down-vote
+    on two variants of one prompt make a pair, as they are one prompt to the split."""
+    return np.array([prompt_key(p) for p in ex.prompts], dtype=object)[ex.prompt_id.numpy()]
 
 
 def gate(new_accuracy: Optional[float], baseline_accuracy: Optional[float], baseline: str, pairs: int) -> tuple:
@@ -389,7 +431,9 @@ class TrainedReward:
 def fit(image_emb: np.ndarray, prompts: Sequence[str], labels, clip, config: RewardTrainConfig,
         hygiene: dict, metrics_path: Optional[Path] = None, progress: bool = True,
         desc: str = "reward head") -> TrainedReward:
-    """Steps 4-5 on clean votes: split by prompt hash, train on the rest, measure the held-out part."""
+    """Steps 4-5 on clean votes: split by prompt hash, train on the rest, measure the held-out part.
+    Raises UserFacingError when the training rows are all up- or all down-votes (the held-out part may hold
+    every vote of the other kind)."""
     from alignloop.kernels.onnx_scorer import clip_score
 
     prompts, labels = list(prompts), np.asarray(labels, np.float32)
@@ -398,6 +442,7 @@ def fit(image_emb: np.ndarray, prompts: Sequence[str], labels, clip, config: Rew
     if len(train_rows) == 0:
         raise UserFacingError(f"every prompt fell in the held-out part (held_out_fraction "
                               f"{config.held_out_fraction}): lower it, or add votes on more prompts")
+    check_both_labels(labels[train_rows].tolist(), " on training prompts (the others are held out for the gate)")
     encode = lambda texts: embed_texts(clip, texts)  # noqa: E731
     train = build_examples(image_emb[train_rows], [prompts[i] for i in train_rows], labels[train_rows], encode,
                            config.seed)
@@ -412,9 +457,10 @@ def fit(image_emb: np.ndarray, prompts: Sequence[str], labels, clip, config: Rew
         with torch.no_grad():
             new = head(held_out.image, held_out.text[held_out.prompt_id])
             clip_scores = clip_score(held_out.image, held_out.text[held_out.prompt_id])
-        metrics["held_out_accuracy"], pairs = preference_accuracy(new, held_out.prompt_id, held_out.label)
-        metrics["clip_score_accuracy"], _ = preference_accuracy(clip_scores, held_out.prompt_id, held_out.label)
-        counts.update(held_out_prompts=len(held_out.prompts), held_out_pairs=pairs)
+        groups = prompt_groups(held_out)
+        metrics["held_out_accuracy"], pairs = preference_accuracy(new, groups, held_out.label)
+        metrics["clip_score_accuracy"], _ = preference_accuracy(clip_scores, groups, held_out.label)
+        counts.update(held_out_prompts=len(set(groups)), held_out_pairs=pairs)
     return TrainedReward(head, config, hygiene, counts, held_out, metrics)
 
 
@@ -436,10 +482,12 @@ def train_reward_from_arrays(images, prompts: Sequence[str], labels, users: Opti
                          f"{len(prompts)} prompts, {len(labels)} labels, {len(users)} users")
     config = config or RewardTrainConfig()
     clip = load_clip(clip or "shapes-clip-tiny", device="cpu") if clip is None or isinstance(clip, str) else clip
-    # 2. Hygiene
-    rows = [{"image_id": str(i), "user_hash": u, "label": int(y), "ts": i}
-            for i, (u, y) in enumerate(zip(users, labels))]
-    kept, hygiene = clean_votes(rows, config.max_user_share, config.min_user_votes)
+    # 2. Hygiene (the per-user cap on the rows fit() will train on: it splits by the same prompt hash)
+    rows = [{"image_id": str(i), "user_hash": u, "label": int(y), "ts": i, "prompt": p}
+            for i, (u, y, p) in enumerate(zip(users, labels, prompts))]
+    rows, held_out_pair_votes = drop_held_out_pair_votes(rows)
+    kept, hygiene = clean_votes(rows, config.max_user_share, config.min_user_votes, config.held_out_fraction)
+    hygiene["held_out_pair_votes"] = held_out_pair_votes
     index = [int(r["image_id"]) for r in kept]
     check_both_labels([r["label"] for r in kept])
     # 3. Embeddings, then 4-5
@@ -448,13 +496,14 @@ def train_reward_from_arrays(images, prompts: Sequence[str], labels, users: Opti
                metrics_path, progress, desc)
 
 
-def check_both_labels(labels: Sequence[int]) -> None:
+def check_both_labels(labels: Sequence[int], where: str = "") -> None:
+    """UserFacingError unless `labels` hold both up- and down-votes; `where` says which votes in the message."""
     ups = sum(1 for y in labels if y)
     if not labels:
         raise UserFacingError("no votes to train on (after vote hygiene): collect thumbs votes first")
     if ups == 0 or ups == len(labels):
         which = "up" if ups else "down"
-        raise UserFacingError(f"all {len(labels)} votes are {which}-votes: a reward model needs both up- and "
+        raise UserFacingError(f"all {len(labels)} votes{where} are {which}-votes: a reward model needs both up- and "
                               "down-votes to learn what separates them; collect more votes")
 
 
@@ -516,13 +565,16 @@ def train_reward(snapshot: Path, config: Optional[RewardTrainConfig] = None, out
     if not present:
         raise UserFacingError(f"--snapshot: none of the {len(rows)} voted images is in {folder / 'images'}")
 
-    # 2. Vote hygiene
-    kept, hygiene = clean_votes(present, config.max_user_share, config.min_user_votes)
-    hygiene["missing_images"] = len(rows) - len(present)
+    # 2. Vote hygiene (the per-user cap on the rows fit() will train on: it splits by the same prompt hash)
+    voted, held_out_pair_votes = drop_held_out_pair_votes(present)
+    kept, hygiene = clean_votes(voted, config.max_user_share, config.min_user_votes, config.held_out_fraction)
+    hygiene.update(missing_images=len(rows) - len(present), held_out_pair_votes=held_out_pair_votes)
     check_both_labels([r["label"] for r in kept])
     log(f"votes: {len(rows)} read, {len(kept)} counted ({hygiene['superseded']} superseded, "
-        f"{hygiene['anonymous_repeats']} repeated anonymous, {hygiene['capped_votes']} over the per-user cap of "
-        f"{hygiene['user_cap']}, {hygiene['missing_images']} without an image)")
+        f"{hygiene['anonymous_repeats']} repeated anonymous, {hygiene['capped_votes']} over the per-user caps of "
+        f"{hygiene['user_cap']} training and {hygiene['held_out_user_cap']} held-out votes, "
+        f"{hygiene['held_out_pair_votes']} dropped for naming held-out pairs, {hygiene['missing_images']} without "
+        "an image)")
 
     # 3. Embeddings, cached per image id under the CLIP's hash
     try:
@@ -616,7 +668,7 @@ def live_baseline(registry: Optional[str], trained: TrainedReward, base: dict) -
         return live.version, name, None, None
     with torch.no_grad():
         scores = live_head(trained.held_out.image, trained.held_out.text[trained.held_out.prompt_id])
-    accuracy, _ = preference_accuracy(scores, trained.held_out.prompt_id, trained.held_out.label)
+    accuracy, _ = preference_accuracy(scores, prompt_groups(trained.held_out), trained.held_out.label)
     return live.version, name, accuracy, None
 
 
