@@ -231,6 +231,10 @@ def rollback(registry: Registry, who: str, why: str, numbers: Optional[dict] = N
         adapters = registry.versions("adapter")
         canaries = [m.version for m in adapters if m.state == "canary"]
         live = newest_live(adapters)
+        if not canaries and _serves_a_retired(registry, current_rollout(registry)):
+            # A rollback that crashed between its states and its rollout: this run completes it, one step, not two
+            return _publish(registry, [RolloutArm(name="A", adapter=live.version if live else BASE, share=1.0)],
+                            who, why, numbers)
         # 1. States.
         if canaries:
             for version in canaries:
@@ -255,16 +259,17 @@ def retire(registry: Registry, version: str, who: str, why: str) -> Manifest:
     (`rollback` or `promote` say what serves instead)."""
     with registry.operation_lock("rollout"):
         adapter = registry.get("adapter", version)
-        if adapter.state == "retired":
+        current = current_rollout(registry)
+        serving_it = current is not None and any(arm.adapter == version for arm in current.arms)
+        if adapter.state == "retired" and not serving_it:
             raise RolloutError(f"adapter {version} is already retired")
         if adapter.state == "live":
             raise RolloutError(f"adapter {version} is live; roll it back (`alignloop adapters rollback`) or promote "
                                "another adapter instead, so that something serves its users")
-        # 1. The state.
-        retired = registry.set_state("adapter", version, "retired", who, why)
+        # 1. The state (already retired: a retire that crashed before its rollout, which this run completes).
+        retired = adapter if adapter.state == "retired" else registry.set_state("adapter", version, "retired", who, why)
         # 2. The rollout, if it served the version: its share spread over the other arms.
-        current = current_rollout(registry)
-        if current is not None and any(arm.adapter == version for arm in current.arms):
+        if serving_it:
             kept = [arm for arm in current.arms if arm.adapter != version]
             total = sum(arm.share for arm in kept)
             if kept and total > 0:
@@ -277,6 +282,12 @@ def retire(registry: Registry, version: str, who: str, why: str) -> Manifest:
 
 
 # -- internals ----------------------------------------------------------------------------------------------
+
+
+def _serves_a_retired(registry: Registry, current: Optional[Rollout]) -> bool:
+    """The rollout still routes users to a retired adapter: a change's states were written, its rollout not."""
+    return current is not None and any(arm.adapter != BASE and registry.get("adapter", arm.adapter).state == "retired"
+                                       for arm in current.arms)
 
 
 def _publish(registry: Registry, arms: list[RolloutArm], who: str, why: str,

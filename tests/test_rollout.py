@@ -237,6 +237,43 @@ def test_a_crash_between_the_states_and_the_rollout_keeps_the_old_rollout_and_a_
     assert rollout.problems(reg) == []
 
 
+def _crash_before_the_rollout(monkeypatch):
+    publish = Registry.publish
+
+    def crash(self, kind, *args, **kwargs):
+        if kind == "rollout":
+            raise OSError("power lost")
+        return publish(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "publish", crash)
+
+
+@pytest.mark.parametrize("step", ["rollback_canary", "rollback_live", "retire_canary"])
+def test_a_rollback_or_retire_run_again_after_a_crash_completes_it_and_takes_no_further_step(reg, monkeypatch, step):
+    """Run again, the command completes the change it crashed in (the rollout the states imply) instead of stepping
+    once more: before, a rerun rollback retired the live adapter too (or walked one more step down the lineage), and a
+    rerun retire said 'already retired' while users were still routed to it."""
+    v1, v2, v3 = (_adapter(reg).version for _ in range(3))
+    rollout.promote(reg, v1, who="op", why="first")
+    rollout.promote(reg, v2, who="op", why="second")  # v1 retired, v2 live: a lineage to roll back along
+    rollout.start_canary(reg, v3, 0.1, who="op", why="try v3")
+    if step == "rollback_live":
+        rollout.promote(reg, v3, who="op", why="v3 wins")
+    command = {"rollback_canary": lambda: rollout.rollback(reg, who="op", why="worse"),
+               "rollback_live": lambda: rollout.rollback(reg, who="op", why="worse"),
+               "retire_canary": lambda: rollout.retire(reg, v3, who="op", why="enough")}[step]
+    _crash_before_the_rollout(monkeypatch)
+    with pytest.raises(OSError):
+        command()
+    monkeypatch.undo()
+    assert rollout.problems(reg)  # the rollout still routes users to what the states retired
+    command()
+    expected = {"rollback_canary": [("A", v2, 1.0)], "rollback_live": [("A", v2, 1.0)],
+                "retire_canary": [("A", v2, 1.0)]}[step]
+    assert _arms(rollout.current_rollout(reg)) == expected and rollout.problems(reg) == []
+    assert _states(reg)[v2] == "live" and _states(reg)[v3] == "retired"
+
+
 def test_current_rollout_reads_one_manifest(tmp_path, monkeypatch):
     reg = Registry(tmp_path / "registry")
     versions = [_adapter(reg).version for _ in range(4)]
