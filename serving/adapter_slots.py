@@ -184,6 +184,8 @@ class AdapterSlots:
 
 # -- rollout reconciliation ----------------------------------------------------------------------------------------
 
+STARTING_ROLLOUT = "starting"  # the table while the config arms' adapters load: the base model for everyone
+
 @dataclass(frozen=True)
 class RoutingTable:
     rollout_id: str  # the registry's rollout version, or CONFIG_ROLLOUT (none published: the config's arms)
@@ -206,7 +208,10 @@ class RolloutFollower(Poller):
         self.slots = slots
         self.registry = Registry(registry_url)
         self.config_table = RoutingTable(CONFIG_ROLLOUT, tuple(config_arms))
-        self.table = self.config_table
+        # Config arms that name adapters are loaded like a rollout's, by the first reconcile (at start); until they
+        # are resident the base model serves everyone (routing to an adapter not loaded failed every such request)
+        self.table = self.config_table if not self.config_table.adapters else RoutingTable(
+            STARTING_ROLLOUT, (ArmSpec("A", BASE, 1.0),))
         self.poll_s = poll_s
         self._source = source or self._current_rollout
         self._refused: dict = {}  # version -> the manifest (or error) it was refused with

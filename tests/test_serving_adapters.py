@@ -203,6 +203,24 @@ def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path
         batcher.close()
 
 
+def test_config_arms_naming_an_adapter_load_it_before_routing_to_it(tmp_path):
+    """No rollout published, the config's arms name a published adapter: the base serves until the first reconcile
+    has loaded it, then the config's arms (it was never loaded, and every request routed to it failed)."""
+    from alignloop.serving.adapter_slots import RolloutFollower
+
+    pipe, identity, base_unet, registry, batcher, slots, _ = _one_worker(tmp_path)
+    try:
+        tuned = publish(registry, *make_adapter(base_unet, tmp_path / "tuned", seed=1), identity)
+        arms = (ArmSpec("A", "base", 0.5), ArmSpec("B", tuned.version, 0.5))
+        follower = RolloutFollower(slots, str(tmp_path / "reg"), arms, poll_s=0.1)
+        assert follower.table.arms == (ArmSpec("A", "base", 1.0),)
+        assert follower.reconcile() is True and follower.table.arms == arms and tuned.version in slots.resident()
+        images = batcher.submit(PROMPT, [1], 2, 5.0, adapter=tuned.version).result(timeout=60).images
+        assert images.isfinite().all()
+    finally:
+        batcher.close()
+
+
 def test_the_previous_live_adapter_stays_resident_for_an_instant_rollback(tmp_path):
     """Four promotions through three slots: the oldest is evicted, the previous live one is not, so rolling back
     (twice, even) switches the routing table without loading anything."""
