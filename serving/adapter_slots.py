@@ -45,6 +45,7 @@ from alignloop.serving.config import ArmSpec
 log = logging.getLogger("alignloop.serving")
 BASE = "base"  # the arm adapter that means "no adapter"
 CONFIG_ROLLOUT = "config"  # rollout id when the registry has no rollout: the serving config's arms
+STARTING_ROLLOUT = "starting"  # the table while the config arms' adapters load: the base model for everyone
 
 
 class SlotsBusy(Exception):
@@ -183,8 +184,6 @@ class AdapterSlots:
 
 
 # -- rollout reconciliation ----------------------------------------------------------------------------------------
-
-STARTING_ROLLOUT = "starting"  # the table while the config arms' adapters load: the base model for everyone
 
 @dataclass(frozen=True)
 class RoutingTable:
