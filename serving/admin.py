@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Callable, Optional
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -67,19 +68,24 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
 
         return Registry(registry_url)
 
+    # Registry reads and writes (files or an object store), the upload's checks and the base UNet's hash block for
+    # seconds: they run on the thread pool, not on the event loop this worker's /generate and /feedback share.
     async def rollout_state(request: Request):
+        return JSONResponse(await run_in_threadpool(_rollout_state))
+
+    def _rollout_state() -> dict:
         from alignloop.rollout import current_rollout, problems
 
         reg = registry()
         current = current_rollout(reg)
         follower = worker()
-        return JSONResponse({
+        return {
             "registry": {"url": reg.url, "rollout": json.loads(current.model_dump_json()) if current else None,
                          "adapters": [{"version": m.version, "state": m.state, "reason": m.reason}
                                       for m in reg.versions("adapter")],
                          "problems": problems(reg, current)},
             "worker": _worker_state(follower),
-        })
+        }
 
     async def publish(request: Request):
         from alignloop.adapters import WEIGHTS, lora_config_from_header
@@ -104,9 +110,10 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
         except UserFacingError as err:
             raise _BadRequest(str(err)) from None
         try:
-            manifest = publish_adapter(registry(), {WEIGHTS: body}, base={"unet_sha256": base_hash}, config=config,
-                                       parent=request.query_params.get("parent") or None,
-                                       who=request.query_params.get("who") or _WHO, why=why)
+            manifest = await run_in_threadpool(publish_adapter, registry(), {WEIGHTS: body},
+                                               base={"unet_sha256": base_hash}, config=config,
+                                               parent=request.query_params.get("parent") or None,
+                                               who=request.query_params.get("who") or _WHO, why=why)
         except RolloutError as err:  # the file's own checks (no tensors, NaN or Inf): the request is at fault
             raise _BadRequest(str(err)) from None
         return JSONResponse({"version": manifest.version, "state": manifest.state}, status_code=201)
@@ -115,28 +122,31 @@ def admin_app(worker: Callable[[], Optional[object]], registry_url: Optional[str
         from alignloop.rollout import start_canary
 
         body = await _json(request, {"version": str, "share": float, "why": str})
-        rollout = start_canary(registry(), body["version"], body["share"], body.get("who") or _WHO, body["why"])
+        rollout = await run_in_threadpool(start_canary, registry(), body["version"], body["share"],
+                                          body.get("who") or _WHO, body["why"])
         return JSONResponse(json.loads(rollout.model_dump_json()))
 
     async def promote(request: Request):
         from alignloop.rollout import promote as promote_version
 
         body = await _json(request, {"version": str, "why": str})
-        rollout = promote_version(registry(), body["version"], body.get("who") or _WHO, body["why"])
+        rollout = await run_in_threadpool(promote_version, registry(), body["version"], body.get("who") or _WHO,
+                                          body["why"])
         return JSONResponse(json.loads(rollout.model_dump_json()))
 
     async def rollback(request: Request):
         from alignloop.rollout import rollback as roll_back
 
         body = await _json(request, {"why": str})
-        rollout = roll_back(registry(), body.get("who") or _WHO, body["why"])
+        rollout = await run_in_threadpool(roll_back, registry(), body.get("who") or _WHO, body["why"])
         return JSONResponse(json.loads(rollout.model_dump_json()))
 
     async def retire(request: Request):
         from alignloop.rollout import retire as retire_version
 
         body = await _json(request, {"version": str, "why": str})
-        manifest = retire_version(registry(), body["version"], body.get("who") or _WHO, body["why"])
+        manifest = await run_in_threadpool(retire_version, registry(), body["version"], body.get("who") or _WHO,
+                                           body["why"])
         return JSONResponse({"version": manifest.version, "state": manifest.state})
 
     async def openapi(_request: Request):

@@ -91,6 +91,39 @@ def test_admin_routes_need_the_token(admin):
     assert {"400", "413"} <= set(spec["paths"]["/admin/adapters"]["post"]["responses"])
 
 
+def test_a_slow_registry_write_does_not_hold_up_the_workers_other_requests(tmp_path, monkeypatch):
+    """The admin routes' registry work runs on the thread pool: while a canary start waits on the store, the same
+    event loop answers another request (run on the loop, it answered only after the write)."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from alignloop.serving.admin import admin_app
+
+    store_answers = threading.Event()
+
+    def slow_start_canary(*args, **kwargs):
+        store_answers.wait(10)
+        raise rollout.RolloutError("no such adapter")
+
+    monkeypatch.setattr(rollout, "start_canary", slow_start_canary)
+    app = admin_app(lambda: None, str(tmp_path / "reg"), max_upload_bytes=1000, token=lambda: b"secret-token")
+    auth = {"Authorization": "Bearer secret-token"}
+
+    async def both():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+            slow = asyncio.create_task(client.post("/rollout/canary", headers=auth,
+                                                   json={"version": "v000001", "share": 0.1, "why": "try"}))
+            await asyncio.sleep(0.2)
+            other = await client.get("/openapi.json")
+            answered_first = not slow.done()
+            store_answers.set()
+            return other.status_code, answered_first, (await slow).status_code
+
+    assert asyncio.run(both()) == (200, True, 409)
+
+
 def test_admin_publish_canary_promote_rollback(admin, tmp_path):
     from alignloop.models import load_generator
 
