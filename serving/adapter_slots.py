@@ -215,6 +215,9 @@ class RolloutFollower(Poller):
         self._source = source or self._current_rollout
         self._refused: dict = {}  # version -> the manifest (or error) it was refused with
         self.last_switch: dict = {}
+        # True once a reconcile has read the registry and serves its rollout (or refused it, keeping what served):
+        # the worker's readiness waits for it, and a later registry outage does not take it back
+        self.settled = False
 
     def _current_rollout(self):
         from alignloop.rollout import current_rollout
@@ -236,6 +239,7 @@ class RolloutFollower(Poller):
             log.warning("rollout not readable from %s, keeping %s: %s", self.registry.url, self.table.rollout_id, err)
             return False
         if target == self.table:
+            self.settled = True
             return False
         if abs(sum(a.share for a in target.arms) - 1.0) > 1e-6 or not target.arms:
             return self._refuse(("rollout", target.rollout_id), target, f"arm shares {target.arms} do not sum to 1")
@@ -245,6 +249,7 @@ class RolloutFollower(Poller):
             except Exception as err:  # noqa: BLE001 - a missing or malformed manifest
                 return self._refuse(version, str(err), f"adapter {version} has no readable manifest: {err}", target)
             if self._refused.get(version) == manifest:
+                self.settled = True
                 return False  # refused before, unchanged since
             try:
                 folder = self.registry.fetch("adapter", version)  # checksums verified
@@ -259,6 +264,7 @@ class RolloutFollower(Poller):
                 log.warning("rollout %s waits: adapter %s not loaded this time: %s", target.rollout_id, version, err)
                 return False
         previous, self.table = self.table, target  # one reference: a request reads the old table or the new
+        self.settled = True
         self.last_switch = {"from": previous.rollout_id, "to": target.rollout_id,
                             "switch_s": round(time.monotonic() - noticed, 4), "at": time.time()}
         metrics.ROLLOUT_SWITCHES.inc()
@@ -272,6 +278,7 @@ class RolloutFollower(Poller):
             log.error("rollout %s not served, %s keeps serving: %s", getattr(target, "rollout_id", "?"),
                       self.table.rollout_id, message)
         self._refused[key] = marker
+        self.settled = True  # a refused rollout is a decision: what served before keeps serving
         return False
 
     def refused(self) -> list:

@@ -168,7 +168,7 @@ def _worker_state(follower) -> dict:
     if follower is None:
         return {**state, "ready": False}
     table = follower.table
-    return {**state, "ready": True, "rollout_id": table.rollout_id,
+    return {**state, "ready": True, "settled": follower.settled, "rollout_id": table.rollout_id,
             "arms": [{"name": a.name, "adapter": a.adapter, "share": a.share} for a in table.arms],
             "resident": follower.slots.resident(), "refused": follower.refused(), "last_switch": follower.last_switch,
             "base": follower.slots.identity}

@@ -100,7 +100,7 @@ class AlignLoop:
             self.producer.close(timeout_s=CONFIG.flush_on_shutdown_s)  # what Kafka did not ack is spooled
 
     def __is_ready__(self) -> bool:
-        return self.core is not None and self.batcher.alive
+        return self.core is not None and self.batcher.alive and self.rollout.settled
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> GenerateResponse:

@@ -236,6 +236,29 @@ def test_follower_converges_and_keeps_serving_through_a_refused_adapter(tmp_path
         batcher.close()
 
 
+def test_a_worker_is_settled_only_once_it_has_read_the_registry_rollout(tmp_path):
+    """The readiness the service reports waits for the first rollout read (a worker that could not read the
+    registry at start served the config's arms and said it was ready); a later outage does not unsettle it."""
+    from alignloop.serving.adapter_slots import RolloutFollower
+
+    pipe, identity, base_unet, registry, batcher, slots, _ = _one_worker(tmp_path)
+    try:
+        answers = iter([OSError("registry unreachable"), None, OSError("registry unreachable")])
+
+        def source():
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        follower = RolloutFollower(slots, str(tmp_path / "reg"), (ArmSpec("A", "base", 1.0),), source=source)
+        assert follower.reconcile() is False and not follower.settled
+        assert follower.reconcile() is False and follower.settled  # no rollout: the config's arms, as it serves
+        assert follower.reconcile() is False and follower.settled
+    finally:
+        batcher.close()
+
+
 def test_config_arms_naming_an_adapter_load_it_before_routing_to_it(tmp_path):
     """No rollout published, the config's arms name a published adapter: the base serves until the first reconcile
     has loaded it, then the config's arms (it was never loaded, and every request routed to it failed)."""
