@@ -12,8 +12,9 @@ Guarantees, and how:
 1. Nothing lost: a version is built in `.tmp-*`, every file fsync'd, then renamed into place (atomic) and the
    directory fsync'd; only then are the offsets committed to the consumer group. A crash at any point leaves
    the last complete version and offsets at or before it.
-2. Nothing counted twice: a restart resumes from the newest manifest's offsets (falling back to the group's
-   committed offsets, then the beginning) and dedupes by event_id against everything already in the
+2. Nothing counted twice: a restart resumes from the newest manifest's offsets (a partition it does not name from
+   the beginning, never from the group's committed offset: versions are cumulative, and a group ahead of the
+   dataset means the folder was moved or wiped, so its events are not in it) and dedupes by event_id against everything already in the
    dataset, so events re-read after a crash, or re-sent by a producer replaying its spool, are dropped.
 3. Malformed events (schema violations) are skipped, logged and counted in the manifest, not fatal: one bad
    record must not stop the dataset.
@@ -222,14 +223,16 @@ class SnapshotWriter:
             partitions += [TopicPartition(topic, p) for p in sorted(ids)]
         consumer.assign(partitions)
         for tp in partitions:
-            # The manifest wins: it is written before the commit, so it is never behind the group.
+            # The manifest decides: it is written before the commit, so it is never behind the group.
             start = self.data.offsets.get(tp.topic, {}).get(tp.partition)
-            if start is None:
-                start = consumer.committed(tp)
-            if start is None:
-                consumer.seek_to_beginning(tp)
-            else:
+            if start is not None:
                 consumer.seek(tp, start)
+                continue
+            committed = consumer.committed(tp)
+            if committed:  # the dataset was moved or wiped: starting there would leave out everything before
+                log.warning("%s: the group committed offset %d but dataset %s has none; reading from the "
+                            "beginning, since a version holds every event", tp, committed, self.out)
+            consumer.seek_to_beginning(tp)
         return partitions
 
     def _take(self, value: bytes, tp: TopicPartition, offset: int) -> int:

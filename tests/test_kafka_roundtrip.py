@@ -70,6 +70,16 @@ def test_round_trip_snapshot_dedupe_and_rejection(kafka_broker, kafka_topics, tm
     assert (counts["images"], counts["votes"], counts["rejected"]) == (8, 5, 1)
     assert (second / "images" / "req-0-1.png").stat().st_ino == (newest / "images" / "req-0-1.png").stat().st_ino
 
+    # 5. The dataset folder wiped (its consumer group's offsets still committed): the new v000001 holds every event,
+    #    read from the beginning, not only those after the group's offsets.
+    import shutil
+
+    shutil.rmtree(tmp_path / "dataset")
+    rebuilt = SnapshotWriter(tmp_path / "dataset", kafka_broker.bootstrap, store, kafka_topics)
+    again = rebuilt.run(progress=False)
+    rebuilt.close()
+    assert again.name == "v000001" and json.loads((again / "manifest.json").read_text())["counts"] == counts
+
 
 def test_broker_up_is_idempotent(kafka_broker):
     node = kafka_broker.nodes[0]
