@@ -3,11 +3,12 @@
     samples = draw_samples(pipe, prompts, per_prompt=8, steps=20, guidance=5.0, seed=0)   # cached to a .npz
     samples.latents      # [N, 4, 16, 16] fp32: the sampler's own final latents (what the images decode from)
     samples.images       # [N, 32, 32, 3] uint8
-    votes = rater_votes(samples, SimulatedRater(flip=0.1, seed=0))   # +1 up / -1 down / 0 not voted
+    votes = rater_votes(samples, flip=0.1, seed=0)                     # +1 up / -1 down / 0 not voted
     prompts, images = seen_renders(rng, n)                             # the pre-training term's data
 
-Held-out pairs never enter the loop: samples are drawn for seen prompts only, and the pre-training renders are
-of seen prompts with their open attributes drawn away from held-out pairs (`avoid_unseen`). `pretraining_renders`
+Held-out pairs never enter the loop's prompts: samples are drawn for seen prompts only (a sample of a prompt that
+leaves its color or background open may still show a held-out pair: the generator chooses), and the pre-training
+renders are of seen prompts with their open attributes drawn away from held-out pairs (`avoid_unseen`). `pretraining_renders`
 of alignloop.world.train draws from every prompt (the base models saw them all) and must not be used here.
 """
 
