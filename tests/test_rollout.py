@@ -213,10 +213,7 @@ def test_a_malformed_rollout_file_is_an_error_naming_it(tmp_path):
 # -- consistency --------------------------------------------------------------------------------------------
 
 
-def test_a_crash_between_the_states_and_the_rollout_keeps_the_old_rollout_and_a_rerun_completes(reg, monkeypatch):
-    v1, v2 = _adapter(reg).version, _adapter(reg).version
-    rollout.promote(reg, v1, who="op", why="first")
-    before = rollout.current_rollout(reg)
+def _crash_before_the_rollout(monkeypatch):
     publish = Registry.publish
 
     def crash(self, kind, *args, **kwargs):
@@ -225,6 +222,13 @@ def test_a_crash_between_the_states_and_the_rollout_keeps_the_old_rollout_and_a_
         return publish(self, kind, *args, **kwargs)
 
     monkeypatch.setattr(Registry, "publish", crash)
+
+
+def test_a_crash_between_the_states_and_the_rollout_keeps_the_old_rollout_and_a_rerun_completes(reg, monkeypatch):
+    v1, v2 = _adapter(reg).version, _adapter(reg).version
+    rollout.promote(reg, v1, who="op", why="first")
+    before = rollout.current_rollout(reg)
+    _crash_before_the_rollout(monkeypatch)
     with pytest.raises(OSError):
         rollout.start_canary(reg, v2, 0.1, who="op", why="try v2")
     monkeypatch.undo()
@@ -235,17 +239,6 @@ def test_a_crash_between_the_states_and_the_rollout_keeps_the_old_rollout_and_a_
                                      "the last adapter or rollout command did not finish; run it again to complete it"]
     assert _arms(rollout.start_canary(reg, v2, 0.1, who="op", why="try v2")) == [("A", v1, 0.9), ("B", v2, 0.1)]
     assert rollout.problems(reg) == []
-
-
-def _crash_before_the_rollout(monkeypatch):
-    publish = Registry.publish
-
-    def crash(self, kind, *args, **kwargs):
-        if kind == "rollout":
-            raise OSError("power lost")
-        return publish(self, kind, *args, **kwargs)
-
-    monkeypatch.setattr(Registry, "publish", crash)
 
 
 @pytest.mark.parametrize("step", ["rollback_canary", "rollback_live", "retire_canary"])
