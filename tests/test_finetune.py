@@ -27,6 +27,27 @@ def samples(pipe):
     return draw_samples(pipe, prompts, per_prompt=8, steps=4, guidance=5.0, seed=0, progress=False)
 
 
+def test_the_sample_cache_is_judged_again_on_load_and_a_torn_one_is_drawn_again(pipe, tmp_path):
+    """The cache file is named by the generator and the settings, not the oracle: its verdicts are recomputed on
+    load (a verdict written by an older oracle is not read back), and a file torn by a crash is drawn again."""
+    prompts = [parse_prompt("two circles")]
+    first = draw_samples(pipe, prompts, per_prompt=2, steps=2, guidance=5.0, seed=0, cache_dir=tmp_path,
+                         progress=False)
+    [cache] = tmp_path.glob("samples-*.npz")
+    with np.load(cache) as data:
+        stale = {name: data[name] for name in data.files}
+    np.savez(cache, **{**stale, "passed": ~stale["passed"]})  # what an older oracle said
+    again = draw_samples(pipe, prompts, per_prompt=2, steps=2, guidance=5.0, seed=0, cache_dir=tmp_path,
+                         progress=False)
+    assert np.array_equal(again.passed, first.passed) and np.array_equal(again.images, first.images)
+    cache.write_bytes(cache.read_bytes()[:100])  # torn
+    redrawn = draw_samples(pipe, prompts, per_prompt=2, steps=2, guidance=5.0, seed=0, cache_dir=tmp_path,
+                           progress=False)
+    assert np.array_equal(redrawn.images, first.images)
+    with np.load(cache) as data:
+        assert np.array_equal(data["images"], first.images)
+
+
 # -- losses -------------------------------------------------------------------------------------------------
 
 def test_kto_loss_rewards_up_votes_denoised_better_and_down_votes_worse():

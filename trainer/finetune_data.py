@@ -14,7 +14,9 @@ of alignloop.world.train draws from every prompt (the base models saw them all) 
 
 import dataclasses
 import hashlib
+import logging
 import random
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,10 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignloop.durable import fsync_file
 from alignloop.world.evaluate import image_seed
 from alignloop.world.grammar import all_prompts, sample_prompts, split
 from alignloop.world.oracle import judge
 from alignloop.world.render import render_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,9 +66,19 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
         key = hashlib.sha256(repr((_weights_digest(pipe.unet), [p.text for p in prompts], *settings)).encode()
                              ).hexdigest()[:16]
         cache = Path(cache_dir) / f"samples-{key}.npz"
-        if cache.is_file():
-            data = np.load(cache)
-            return Samples([p for p, _ in jobs], data["seeds"], data["latents"], data["images"], data["passed"])
+        try:
+            with np.load(cache) as data:
+                samples = Samples([p for p, _ in jobs], data["seeds"], data["latents"], data["images"],
+                                  np.zeros(len(jobs), dtype=bool))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # torn by a crash: drawn again
+            log.warning("base-sample cache %s unreadable (%s): drawing the samples again", cache, err)
+        else:
+            # Judged again, not read back: the key names the generator, not the oracle, and a fixed oracle must
+            # not keep yesterday's verdicts (about 2 ms an image)
+            samples.passed = np.array([judge(im, p).passed for im, p in zip(samples.images, samples.prompts)])
+            return samples
     latents, images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="base samples", disable=not progress):
         chunk = jobs[start:start + batch_size]
@@ -77,6 +92,7 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, seeds=samples.seeds, latents=samples.latents, images=samples.images, passed=samples.passed)
+        fsync_file(tmp)
         tmp.rename(cache)
     return samples
 
