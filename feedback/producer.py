@@ -56,7 +56,8 @@ ACK_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
 )
 # Outcomes: emitted (accepted by emit), acked (acknowledged by Kafka; replays count again), spooled,
-# dropped_inbox_full (shipper stuck), dropped_spool_full (outage longer than the spool holds).
+# dropped_inbox_full (shipper stuck), dropped_spool_full (outage longer than the spool holds), dropped_spool_error
+# (the spool's disk failing, e.g. full).
 
 
 class EventSink(Protocol):
@@ -235,7 +236,12 @@ class EventProducer:
                 log.exception("producer %s: unexpected error; spooling", self._name)
                 # Some of the batch may be in flight or spooled already: at-least-once, consumers dedupe.
                 self._switch_to_spool("unexpected error")
-                self._append_to_spool(batch)
+                try:
+                    self._append_to_spool(batch)
+                except OSError as err:  # the spool's disk failing too (full): these events are lost, not the thread
+                    EVENTS.labels(self._name, "dropped_spool_error").inc(len(batch))
+                    log.error("producer %s: spool %s not writable (%s); %d events dropped", self._name,
+                              self._spool.path, err, len(batch))
             finally:
                 with self._lock:
                     self._in_hand = 0

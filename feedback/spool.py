@@ -89,9 +89,17 @@ class Spool:
             size += len(line)
         if not lines:
             return 0
-        self._active.write(b"".join(lines))
-        self._active.flush()
-        os.fsync(self._active.fileno())
+        start = os.fstat(self._active.fileno()).st_size  # O_APPEND writes land at the end, whatever tell() says
+        try:
+            data = memoryview(b"".join(lines))
+            while data:  # unbuffered: a write may take part of it
+                data = data[self._active.write(data):]
+            os.fsync(self._active.fileno())
+        except OSError:
+            # A full disk can leave part of a record: cut back to the last whole one, or every replay and
+            # restart after it would stop at the torn line (and the next append would land behind it)
+            os.ftruncate(self._active.fileno(), start)
+            raise
         self._depth += len(lines)
         self._bytes = size
         if self._active.tell() >= self.segment_bytes:
@@ -158,9 +166,7 @@ class Spool:
             self._write_cursor()
         if segments:
             self._truncate_torn_tail(self._segment_path(segments[-1]))
-        self._active_seq = segments[-1] if segments else self._cursor.segment
-        self._active = open(self._segment_path(self._active_seq), "ab")
-        fsync_dir(self.path)
+        self._open_segment(segments[-1] if segments else self._cursor.segment)
         self._depth = sum(1 for _ in self._iter_pending())
         self._bytes = self._measure()
         if self._depth:
@@ -193,7 +199,7 @@ class Spool:
         if hasattr(self, "_active"):
             self._active.close()
         self._active_seq = seq
-        self._active = open(self._segment_path(seq), "ab")
+        self._active = open(self._segment_path(seq), "ab", buffering=0)  # what append wrote is on disk or cut
         fsync_dir(self.path)
 
     def _drop_segment(self, seq: int) -> None:

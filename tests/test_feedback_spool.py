@@ -48,6 +48,30 @@ def test_torn_tail_from_a_crash_is_cut_off(tmp_path):
     assert [r.value for r in reopened.read(10)[0]] == [r.value for r in records(6)]
 
 
+def test_a_write_that_fails_part_way_leaves_no_torn_record(tmp_path, monkeypatch):
+    """A full disk mid-append: the append raises, the segment is cut back to its last whole record, and the spool
+    (and a reopened one) reads every earlier record and takes later appends (a torn line stopped replay there)."""
+    import errno
+
+    spool = Spool(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    spool.append(records(5))
+    real_write = spool._active.write
+
+    def disk_full(data):
+        real_write(bytes(data[:7]))  # part of the batch reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool._active, "write", disk_full)
+    with pytest.raises(OSError):
+        spool.append(records(3, start=5))
+    monkeypatch.undo()
+    assert [r.value for r in spool.read(100)[0]] == [r.value for r in records(5)]
+    assert spool.append(records(2, start=8)) == 2
+    spool.close()
+    reopened = Spool(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    assert [r.value for r in reopened.read(100)[0]] == [r.value for r in records(5) + records(2, start=8)]
+
+
 def test_bound_refuses_what_does_not_fit(tmp_path):
     spool = Spool(tmp_path, max_bytes=300, segment_bytes=10**6)
     written = spool.append(records(100))
