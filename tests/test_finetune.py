@@ -245,6 +245,11 @@ def test_ppo_refuses_a_sampler_without_noise(tmp_path):
                   {"t": (1.0, lambda im, pr: np.zeros(len(pr)), lambda p: True)}, tmp_path, progress=False)
 
 
+def test_refl_refuses_a_trajectory_without_noise():
+    with pytest.raises(ValueError, match="eta must be > 0"):  # σ_t = 0: its KL term would be 0/0
+        ReflConfig(eta=0.0)
+
+
 # -- the command: from a snapshot's votes to a candidate adapter -------------------------------------------------
 
 def test_train_kto_from_a_snapshot_publishes_a_candidate_with_its_manifest(pipe, tmp_path, capsys):

@@ -95,6 +95,19 @@ def test_step_matches_diffusers_ddim_step(pipe, rollout):
         torch.testing.assert_close(mean + std * noise, theirs, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predicted_x0_is_diffusers_for_every_prediction_type(pipe, rollout, prediction_type):
+    """ReFL scores the decoded x̂0: it must read the UNet's output as the scheduler does (it assumed epsilon)."""
+    from alignloop.trainer.rollout import predicted_x0
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    scheduler.set_timesteps(STEPS)
+    latents, t = rollout.latents[:, 3], rollout.timesteps[3]
+    output = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    x0, _ = predicted_x0(scheduler, output, latents, scheduler.alphas_cumprod[t])
+    torch.testing.assert_close(x0, scheduler.step(output, t, latents, eta=ETA).pred_original_sample, rtol=0, atol=1e-5)
+
+
 def test_log_probs_are_a_mean_over_dimensions_not_a_sum(rollout):
     # Per dimension the log-density is O(1) (about -log sigma_t); a sum over the 1024 latent dims would be
     # ~1000x larger and PPO's 1e-4 clip range would clip everything.

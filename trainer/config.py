@@ -186,6 +186,11 @@ class ReflConfig(FinetuneConfig):
     last_fraction: float = 0.25  # the step is drawn from this last share of the trajectory
     pretrain_weight: float = 0.0  # the KL term is this method's anchor; add renders too if wanted
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eta <= 0:  # σ_t = 0 would make the KL 0/0
+            raise ValueError(f"eta must be > 0 (the KL is between the step's Gaussians), got {self.eta}")
+
 
 @dataclasses.dataclass
 class NightlyConfig:

@@ -51,7 +51,8 @@ class DifferentiableReward:
 def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableReward, out_dir: Path,
                progress: bool = True) -> LoraRun:
     from alignloop.trainer.finetune_data import check_seen
-    from alignloop.trainer.rollout import ddim_mean_std, ddim_scheduler, predict_noise, sample_with_logprob
+    from alignloop.trainer.rollout import (ddim_mean_std, ddim_scheduler, predict_noise, predicted_x0,
+                                           sample_with_logprob)
 
     check_seen(prompts)
     if not 0 < config.last_fraction <= 1:
@@ -75,8 +76,7 @@ def train_refl(config: ReflConfig, prompts: Sequence, reward: DifferentiableRewa
         embeds, negative = rollout.prompt_embeds.to(run.device), rollout.negative_embeds.to(run.device)
         # 2. That step with gradients: x̂0, decoded, scored
         eps = predict_noise(run.unet, latents, t, embeds, negative, config.guidance)
-        alpha = run.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x0 = (latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        x0, _ = predicted_x0(scheduler, eps, latents, run.alphas_cumprod[t].view(-1, 1, 1, 1))  # any prediction_type
         vae = run.pipe.vae
         images = (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         score = reward(images, [p.text for p in batch]).mean()

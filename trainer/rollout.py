@@ -171,23 +171,32 @@ def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, prompt_e
     return eps_uncond + guidance * (eps_text - eps_uncond)
 
 
-def ddim_mean_std(scheduler, eps: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
-                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's Gaussian for x_{t-1}: (mean [B, C, h, w], std [B, 1, 1, 1]), fp32."""
-    alpha_t, alpha_prev = (a.to(latents.device) for a in _alphas(scheduler, timesteps.cpu().long()))
+def predicted_x0(scheduler, model_output: torch.Tensor, latents: torch.Tensor,
+                 alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂0, ε̂) from the UNet's output at x_t (ᾱ_t `alpha_t`, broadcastable), read as the scheduler's prediction_type
+    says (epsilon, v_prediction or sample), x̂0 clipped when the scheduler clips."""
     beta_t = 1 - alpha_t
-    # 1. x0_hat and eps from the model output, as the scheduler reads it
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
-        x0, eps_hat = (latents - beta_t ** 0.5 * eps) / alpha_t ** 0.5, eps
+        x0, eps_hat = (latents - beta_t ** 0.5 * model_output) / alpha_t ** 0.5, model_output
     elif prediction == "v_prediction":
-        x0, eps_hat = alpha_t ** 0.5 * latents - beta_t ** 0.5 * eps, alpha_t ** 0.5 * eps + beta_t ** 0.5 * latents
+        x0 = alpha_t ** 0.5 * latents - beta_t ** 0.5 * model_output
+        eps_hat = alpha_t ** 0.5 * model_output + beta_t ** 0.5 * latents
     elif prediction == "sample":
-        x0, eps_hat = eps, (latents - alpha_t ** 0.5 * eps) / beta_t ** 0.5
+        x0, eps_hat = model_output, (latents - alpha_t ** 0.5 * model_output) / beta_t ** 0.5
     else:
         raise ValueError(f"unknown prediction_type {prediction!r} in the scheduler's configuration")
     if scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return x0, eps_hat
+
+
+def ddim_mean_std(scheduler, eps: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's Gaussian for x_{t-1}: (mean [B, C, h, w], std [B, 1, 1, 1]), fp32."""
+    alpha_t, alpha_prev = (a.to(latents.device) for a in _alphas(scheduler, timesteps.cpu().long()))
+    # 1. x0_hat and eps from the model output, as the scheduler reads it
+    x0, eps_hat = predicted_x0(scheduler, eps, latents, alpha_t)
     # 2. sigma_t, the direction pointing to x_t, and the mean (DDIM eq. 12)
     std = _sigma(alpha_t, alpha_prev, eta)
     direction = (1 - alpha_prev - std ** 2) ** 0.5 * eps_hat
