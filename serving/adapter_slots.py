@@ -68,6 +68,7 @@ class AdapterSlots:
         self.batcher = batcher
         self.max_rank = max_rank
         self.smoke_steps = smoke_steps
+        self.max_slots = max_slots
         self._slots = [_Slot(f"slot{i:02d}") for i in range(max_slots)]
         self.reference_modules: Optional[frozenset] = None  # modules of the first adapter loaded here
         self._active: Optional[str] = None  # adapter the UNet is set to now (batcher thread only)
@@ -111,7 +112,8 @@ class AdapterSlots:
         """On the batcher thread: load `report` into a slot and smoke-test it there."""
         unet = self.pipe.unet
         # 1. A slot: a never-used one, else the least recently used one that nothing in use needs.
-        busy = keep | self.batcher.pending_adapters() | {self._active}
+        # (Between passes, on the batcher thread: the adapter the UNet was last set to is not in use by a pass.)
+        busy = keep | self.batcher.pending_adapters()
         free = [s for s in self._slots if s.version is None or s.version not in busy]
         if not free:
             raise SlotsBusy(f"all {len(self._slots)} adapter slots serve adapters in use "
@@ -256,8 +258,7 @@ class RolloutFollower(Poller):
                 self.slots.load(folder, manifest, keep=target.adapters | self.table.adapters)
                 metrics.ADAPTER_LOADS.labels("ok").inc()
             except SlotsBusy as err:
-                log.warning("rollout %s waits: %s", target.rollout_id, err)
-                return False
+                return self._make_room(target, err)
             except Exception as err:  # noqa: BLE001
                 if not transient(err):  # AdapterRejected, RegistryError (a checksum), a failed smoke test
                     return self._refuse(version, manifest, str(err), target)
@@ -270,6 +271,23 @@ class RolloutFollower(Poller):
         metrics.ROLLOUT_SWITCHES.inc()
         log.info("rollout %s replaces %s: arms %s", target.rollout_id, previous.rollout_id,
                  [(a.name, a.adapter, a.share) for a in target.arms])
+        return True
+
+    def _make_room(self, target: RoutingTable, err: SlotsBusy) -> bool:
+        """The target's adapters and the current table's do not fit the slots together (a rollout that replaces
+        several adapters at once, or max_adapters 1): switch first to the current table with the arms whose adapters
+        the target drops served by the base model, so their slots free once their passes end; the next poll loads
+        the target. Without this the follower waited forever. True when the table changed."""
+        keep = self.table.adapters & target.adapters
+        if len(target.adapters) > self.slots.max_slots or self.table.adapters <= keep:
+            log.warning("rollout %s waits: %s", target.rollout_id, err)  # nothing this can free
+            return False
+        interim = RoutingTable(f"{self.table.rollout_id}+making-room", tuple(
+            arm if arm.adapter in keep or arm.adapter == BASE else ArmSpec(arm.name, BASE, arm.share)
+            for arm in self.table.arms))
+        log.warning("rollout %s needs the slots of %s: their arms get the base model until it is loaded",
+                    target.rollout_id, sorted(self.table.adapters - keep))
+        self.table = interim
         return True
 
     def _refuse(self, key, marker, message: str, target=None) -> bool:

@@ -277,6 +277,32 @@ def test_config_arms_naming_an_adapter_load_it_before_routing_to_it(tmp_path):
         batcher.close()
 
 
+def test_a_rollout_that_needs_more_slots_than_are_free_makes_room_and_converges(tmp_path):
+    """One slot, canary A replaced by canary B: A and B do not fit together, so the follower first serves A's arm with
+    the base model (its slot frees), then loads B and switches (it waited for a free slot forever)."""
+    from alignloop.serving.adapter_slots import AdapterSlots, RolloutFollower
+
+    pipe, identity, base_unet, registry, batcher, _, _ = _one_worker(tmp_path)
+    slots = AdapterSlots(pipe, batcher, max_slots=1, max_rank=16)
+    batcher.activate = slots.activate
+    follower = RolloutFollower(slots, str(tmp_path / "reg"), (ArmSpec("A", "base", 1.0),), poll_s=0.1)
+    try:
+        a = publish(registry, *make_adapter(base_unet, tmp_path / "a", seed=1), identity)
+        b = publish(registry, *make_adapter(base_unet, tmp_path / "b", seed=2), identity)
+        rollout.start_canary(registry, a.version, 0.5, "test", "a")
+        assert follower.reconcile() is True and list(slots.resident()) == [a.version]
+        batcher.submit(PROMPT, [1], 2, 5.0, adapter=a.version).result(timeout=60)  # the UNet last set to A
+        rollout.rollback(registry, "test", "a is worse")
+        target = rollout.start_canary(registry, b.version, 0.5, "test", "b")
+        assert follower.reconcile() is True  # the interim table: A's arm on the base model
+        assert {arm.adapter for arm in follower.table.arms} == {"base"} and "making-room" in follower.table.rollout_id
+        assert follower.reconcile() is True and follower.table.rollout_id == target.id
+        assert list(slots.resident()) == [b.version]
+        assert batcher.submit(PROMPT, [1], 2, 5.0, adapter=b.version).result(timeout=60).images.isfinite().all()
+    finally:
+        batcher.close()
+
+
 def test_the_previous_live_adapter_stays_resident_for_an_instant_rollback(tmp_path):
     """Four promotions through three slots: the oldest is evicted, the previous live one is not, so rolling back
     (twice, even) switches the routing table without loading anything."""
