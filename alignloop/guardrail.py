@@ -186,7 +186,8 @@ class ArmStats:
 
     def summary(self) -> dict:
         return {"arm": self.arm, "adapter": self.adapter, "up": self.up, "down": self.down,
-                "rate": round(self.rate, 4) if self.votes else None, "clusters": sum(1 for t in self.clusters.values() if t[1]),
+                "rate": round(self.rate, 4) if self.votes else None,
+                "clusters": sum(1 for t in self.clusters.values() if t[1]),
                 "design_effect": round(self.design_effect, 3)}
 
 

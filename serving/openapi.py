@@ -16,7 +16,8 @@ ERROR_SCHEMA = {
                                                    "allowed range and the value received."},
         "reason": {"type": "string", "description": "Machine-readable reason: malformed, unknown_key, bad_signature, "
                                                     "expired, unauthenticated (401); other_identity (403); "
-                                                    "rate_limited (429); queue_full, busy, ledger_busy, vote_not_queued (503)."},
+                                                    "rate_limited (429); queue_full, busy, ledger_busy, "
+                                                    "vote_not_queued (503)."},
         "fields": {"type": "array", "description": "400: one entry per bad field.", "items": {
             "type": "object",
             "properties": {"field": {"type": "string"}, "message": {"type": "string"},

@@ -92,7 +92,8 @@ def test_a_run_killed_after_any_stage_publishes_exactly_one_candidate_and_opens_
     candidate_passed, parent_passed = metrics["seen_passed"], metrics["parent_metrics"]["seen_passed"]
     assert len(candidate_passed) == len(parent_passed) > 0
     assert metrics["seen_per_prompt"] == metrics["parent_metrics"]["seen_per_prompt"] == 4
-    assert state["stages"]["evaluate"]["drop_p_value"] == nightly.paired_drop_p_value(parent_passed, candidate_passed, 4)
+    assert state["stages"]["evaluate"]["drop_p_value"] == nightly.paired_drop_p_value(parent_passed,
+                                                                                        candidate_passed, 4)
     registry = Registry(traffic["registry"])
     assert len(registry.versions("reward")) == 1
     assert current_rollout(registry).arm("B").adapter == adapters[0].version

@@ -72,8 +72,9 @@ def add_commands(sub) -> None:
         "nightly", help="one turn of the loop: snapshot, reward model, fine-tune, evaluate, publish, canary",
         description="Consume the new feedback into a snapshot, retrain the reward model (its gate decides live), "
                     "fine-tune the live adapter (or the base) with --method, evaluate it against its parent on "
-                    "seen prompts, publish it as a candidate and open the canary rollout unless it passed seen prompts worse "
-                    "than its parent beyond chance (--max-drop, --worse-significance). A run that dies is "
+                    "seen prompts, publish it as a candidate and open the canary rollout unless it passed seen "
+                    "prompts worse than its parent beyond chance (--max-drop, --worse-significance). A run that "
+                    "dies is "
                     "resumed by the next one at its first unfinished stage (or dropped with --abandon) and never "
                     "publishes twice; a second run while one holds the lock says who holds it and exits 3. "
                     "State under ALIGNLOOP_HOME/nightly.")

@@ -8,7 +8,8 @@
 
 Held-out pairs never enter the loop's prompts: samples are drawn for seen prompts only (a sample of a prompt that
 leaves its color or background open may still show a held-out pair: the generator chooses), and the pre-training
-renders are of seen prompts with their open attributes drawn away from held-out pairs (`avoid_unseen`). `pretraining_renders`
+renders are of seen prompts with their open attributes drawn away from held-out pairs (`avoid_unseen`).
+`pretraining_renders`
 of alignloop.world.train draws from every prompt (the base models saw them all) and must not be used here.
 """
 
@@ -60,7 +61,7 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
     check_seen(prompts)
     index = {p: i for i, p in enumerate(all_prompts())}
     jobs = [(p, image_seed(seed, index[p], j)) for p in prompts for j in range(per_prompt)]
-    cache = None
+    cache, samples = None, None
     if cache_dir is not None:
         settings = (per_prompt, steps, guidance, seed) + ((eta,) if eta else ())  # eta 0 keeps the older files' names
         key = hashlib.sha256(repr((_weights_digest(pipe.unet), [p.text for p in prompts], *settings)).encode()
@@ -74,27 +75,29 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
             pass
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # torn by a crash: drawn again
             log.warning("base-sample cache %s unreadable (%s): drawing the samples again", cache, err)
-        else:
-            # Judged again, not read back: the key names the generator, not the oracle, and a fixed oracle must
-            # not keep yesterday's verdicts (about 2 ms an image)
-            samples.passed = np.array([judge(im, p).passed for im, p in zip(samples.images, samples.prompts)])
-            return samples
+    if samples is None:
+        samples = _draw(pipe, jobs, steps, guidance, eta, batch_size, progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, seeds=samples.seeds, latents=samples.latents, images=samples.images)
+            fsync_file(tmp)
+            tmp.rename(cache)
+    # Judged here, never read back from the cache: its name says the generator, not the oracle, and a fixed oracle
+    # must not keep yesterday's verdicts (about 2 ms an image)
+    samples.passed = np.array([judge(im, p).passed for im, p in zip(samples.images, samples.prompts)])
+    return samples
+
+
+def _draw(pipe, jobs: list, steps: int, guidance: float, eta: float, batch_size: int, progress: bool) -> Samples:
     latents, images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="base samples", disable=not progress):
         chunk = jobs[start:start + batch_size]
         z, x = sample_latents(pipe, [p.text for p, _ in chunk], [s for _, s in chunk], steps, guidance, eta)
         latents.append(z.float().cpu().numpy())
         images.append(x)
-    samples = Samples([p for p, _ in jobs], np.array([s for _, s in jobs], dtype=np.int64),
-                      np.concatenate(latents), np.concatenate(images), np.zeros(len(jobs), dtype=bool))
-    samples.passed = np.array([judge(im, p).passed for im, p in zip(samples.images, samples.prompts)])
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, seeds=samples.seeds, latents=samples.latents, images=samples.images, passed=samples.passed)
-        fsync_file(tmp)
-        tmp.rename(cache)
-    return samples
+    return Samples([p for p, _ in jobs], np.array([s for _, s in jobs], dtype=np.int64),
+                   np.concatenate(latents), np.concatenate(images), np.zeros(len(jobs), dtype=bool))
 
 
 def sample_latents(pipe, texts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, eta: float = 0.0):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from alignloop.errors import UserFacingError
 from alignloop.rewards.head import RewardHead, load_head, save_head
 from alignloop.trainer.config import RewardTrainConfig
-from alignloop.world.grammar import parse_prompt, perturb
+from alignloop.world.grammar import normalize_text, parse_prompt, perturb
 
 POOL = 256  # perturbed prompts drawn once per distinct prompt; each step samples N-1 of them
 EMBED_BATCH = 256  # images or texts per CLIP forward pass
@@ -71,11 +71,11 @@ def _hash_order(text: str) -> str:
 
 
 def prompt_key(prompt: str) -> str:
-    """The prompt as the world reads it: its canonical text when it parses, else lowercased with whitespace and a
-    trailing period normalized as parse_prompt does. Variants of one prompt ("Three red  circles", "three red
-    circles.") share a key, so they fall on one side of the held-out split and pair in its accuracy."""
+    """The prompt as the world reads it: its canonical text when it parses, else normalized as the grammar reads
+    text. Variants of one prompt ("Three red  circles", "three red circles.") share a key, so they fall on one side
+    of the held-out split and pair in its accuracy."""
     parsed = parse_prompt(prompt)
-    return parsed.text if parsed is not None else " ".join(prompt.lower().strip().rstrip(".").split())
+    return parsed.text if parsed is not None else normalize_text(prompt)
 
 
 def drop_held_out_pair_votes(rows: Sequence[dict]) -> tuple:

@@ -173,7 +173,7 @@ def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, prompt_e
 
 def predicted_x0(scheduler, model_output: torch.Tensor, latents: torch.Tensor,
                  alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂0, ε̂) from the UNet's output at x_t (ᾱ_t `alpha_t`, broadcastable), read as the scheduler's prediction_type
+    """(x̂0, ε̂) from the UNet's output at x_t (ᾱ_t: `alpha_t`, broadcastable), as the scheduler's prediction_type
     says (epsilon, v_prediction or sample), x̂0 clipped when the scheduler clips."""
     beta_t = 1 - alpha_t
     prediction = scheduler.config.prediction_type

@@ -6,8 +6,9 @@ The samples are the base model's own images of seen prompts with their final lat
 the vote where there is one (up 1, down 0: Lee et al.'s binary reward) and the learned reward elsewhere. A
 batch is drawn with probability proportional to r rather than weighting a uniform batch: the same expectation up
 to the factor 1/r̄ (r̄ the samples' mean reward), without steps spent on zero-weight samples. So β here weighs the
-pre-training term against E[r·L]/r̄: Lee et al.'s β is this one times r̄. ε̃_θ is the classifier-free-guided prediction that drew the samples
-(see alignloop.trainer.finetune for why the conditional branch alone must not be fitted to them).
+pre-training term against E[r·L]/r̄: Lee et al.'s β is this one times r̄. ε̃_θ is the classifier-free-guided
+prediction that drew the samples (see alignloop.trainer.finetune for why the conditional branch alone must not be
+fitted to them).
 """
 
 from pathlib import Path

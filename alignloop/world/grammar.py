@@ -115,9 +115,14 @@ _PATTERNS = {
 }
 
 
+def normalize_text(text: str) -> str:
+    """Lowercased, a trailing period dropped, whitespace collapsed: how the grammar reads a typed prompt."""
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
 def parse_prompt(text: str) -> Optional[Prompt]:
     """The structured prompt for a text in the world's grammar, or None if it is not one."""
-    normalized = " ".join(text.lower().strip().rstrip(".").split())
+    normalized = normalize_text(text)
     for category, pattern in _PATTERNS.items():
         match = pattern.match(normalized)
         if not match:
