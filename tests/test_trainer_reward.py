@@ -21,6 +21,7 @@ from alignloop.trainer.config import RewardTrainConfig
 from alignloop.trainer.reward_model import (PairSampler, build_examples, clean_votes, gate, held_out_mask, loss_terms,
                                             preference_accuracy, sample_negatives, train_reward, user_cap)
 from alignloop.world import render, split
+from alignloop.world.grammar import parse_prompt, perturb
 
 T0 = datetime(2026, 11, 28, tzinfo=timezone.utc)
 
@@ -326,6 +327,19 @@ def test_votes_on_prompts_naming_held_out_pairs_are_dropped_and_counted(tmp_path
     assert report["metrics"]["train_votes"] == len(votes) + 2 and report["metrics"]["unparseable_votes"] == 2
     assert report["data"]["hygiene"]["held_out_pair_votes"] == 3
     assert "3 dropped for naming held-out pairs" in logs[0]
+
+
+def test_no_perturbed_negative_names_a_held_out_pair():
+    # "a red circle" perturbs to "a red triangle" (red x triangle is held out) among others: the world's
+    # perturber may draw such a prompt, the reward trainer's negatives never do.
+    prompts = ["a red circle", "two squares", "one blue square on a gray background"]
+    assert any(q.unseen for q in perturb(parse_prompt(prompts[0]), 256, random.Random(0)))
+    encoded = []
+    ex = build_examples(np.zeros((3, 8), np.float32), prompts, [1, 1, 0],
+                        lambda texts: encoded.extend(texts) or torch.zeros(len(texts), 8))
+    negatives = encoded[len(prompts):]  # text rows after the prompts': the perturbation pools
+    assert all(n > 0 for n in ex.pool_len.tolist()) and len(negatives) > 100
+    assert not any(parse_prompt(text).unseen for text in negatives)
 
 
 def test_variants_of_a_prompt_fall_on_one_side_of_the_split_and_pair_in_its_accuracy():

@@ -226,7 +226,9 @@ def build_examples(image_emb: np.ndarray, prompts: Sequence[str], labels, encode
     pools = []
     for prompt in distinct:
         parsed = parse_prompt(prompt)
-        alternatives = [] if parsed is None else list(dict.fromkeys(q.text for q in perturb(parsed, POOL, rng)))
+        # seen_only: a held-out pair is never a negative either (it would teach the head its text)
+        alternatives = [] if parsed is None else \
+            list(dict.fromkeys(q.text for q in perturb(parsed, POOL, rng, seen_only=True)))
         pools.append([texts.setdefault(text, len(texts)) for text in alternatives])
     pool = torch.zeros(len(distinct), POOL, dtype=torch.int64)
     for i, rows in enumerate(pools):

@@ -144,20 +144,21 @@ def sample_prompts(rng: random.Random, n: int, split_name: str = "seen") -> list
     return [rng.choice(by_category[rng.choice(categories)]) for _ in range(n)]
 
 
-def perturb(prompt: Prompt, n: int, rng: random.Random) -> list:
+def perturb(prompt: Prompt, n: int, rng: random.Random, seen_only: bool = False) -> list:
     """n prompts that contradict `prompt` (Lee et al. Algorithm 2), for the reward model's auxiliary loss.
 
     Unlike the paper's version, which fills one fixed template, each perturbation keeps the original's
     category and changes at least one attribute it names: a perturbed prompt that only adds detail
     ("two circles" -> "two red circles on a gray background") could be true of the same image.
     Distinct perturbations are drawn while there are enough of them; the original is never returned.
+    With `seen_only`, none names a held-out pair: the feedback loop's training data never does, negatives included.
     """
     counts = list(COUNT_WORDS) if prompt.category in ("count", "combination") else [1]
     colors = list(COLORS) if prompt.color is not None else [None]
     backgrounds = list(BACKGROUNDS) if prompt.background is not None else [None]
     alternatives = [Prompt(prompt.category, c, s, color=col, background=b)
                     for c, s, col, b in itertools.product(counts, SHAPES, colors, backgrounds)]
-    alternatives = [p for p in alternatives if p != prompt]
+    alternatives = [p for p in alternatives if p != prompt and not (seen_only and p.unseen)]
     if n <= len(alternatives):
         return rng.sample(alternatives, n)
     return [rng.choice(alternatives) for _ in range(n)]
