@@ -19,7 +19,8 @@ from alignloop.cli import main
 from alignloop.registry import Registry
 from alignloop.trainer.config import RewardTrainConfig
 from alignloop.trainer.reward_model import (PairSampler, build_examples, clean_votes, gate, held_out_mask, loss_terms,
-                                            preference_accuracy, sample_negatives, train_reward, user_cap)
+                                            preference_accuracy, sample_negatives, train_head, train_reward,
+                                            user_cap)
 from alignloop.world import render, split
 from alignloop.world.grammar import parse_prompt, perturb
 
@@ -414,6 +415,30 @@ def test_an_empty_cached_embedding_is_recomputed_and_rewritten(tmp_path):
 # -- the benchmark ------------------------------------------------------------------------------------------
 
 
+def test_the_anchored_probe_head_starts_as_the_clip_score_and_learns_from_votes():
+    from alignloop.kernels.onnx_scorer import clip_score
+    from alignloop.trainer.reward_bench import anchored_head
+
+    torch.manual_seed(0)
+    text = torch.nn.functional.one_hot(torch.tensor([0]), 8).float()  # [1, 8]
+    image = text + 0.1 * torch.randn(64, 8)  # cosines near 0.96, spread as the bundled CLIP's are
+    head = anchored_head(8, (16, 16), mean_cosine=float(clip_score(image, text).mean()))
+    with torch.no_grad():
+        logits = head.logits(image, text)
+    assert torch.equal(torch.argsort(logits), torch.argsort(clip_score(image, text)))  # the CLIP score's ranking
+    assert abs(float(logits.mean())) < 1e-3  # centred: the sigmoid of the vote loss starts unsaturated
+    # Votes on something the cosine does not see: training moves the ranking to them.
+    labels = (image[:, 1] > 0).int().tolist()
+    ex = build_examples(image.numpy(), ["two squares"] * 64, labels, lambda texts: text.expand(len(texts), -1))
+    config = RewardTrainConfig(hidden=(16, 16), epochs=300, classification_weight=0.0, pairwise_weight=1.0)
+    groups, truth = np.zeros(64), np.array(labels)
+    before, _ = preference_accuracy(clip_score(image, text).numpy(), groups, truth)
+    trained = train_head(ex, config, progress=False, head=head)
+    with torch.no_grad():
+        after, _ = preference_accuracy(trained.logits(image, text).numpy(), groups, truth)
+    assert after > before + 0.2, (before, after)
+
+
 def test_quick_reward_benchmark_prints_every_figure_as_json():
     # Passive OpenMP waiting: on a 2-core machine shared with other jobs, torch's spinning threads made the
     # generator 9x slower (52 s instead of 6 s for 32 images); the figures do not depend on it.
@@ -436,6 +461,9 @@ def test_quick_reward_benchmark_prints_every_figure_as_json():
     assert all(bias[p]["votes"] <= 4 * requests for p in ("top4_only", "explore_0.25", "explore_1.0"))
     assert bias["all_votes"]["votes"] == 16 * requests
     assert 0 <= report["generalization_probe"]["other_prompts"] <= 1
+    anchored = report["generalization_probe"]["anchored_head"]
+    assert {"clip_score", "epochs_1", "epochs_40"} <= set(anchored)
+    assert all(0 <= row["unseen"] <= 1 for key, row in anchored.items() if isinstance(row, dict))
     by_failure = {kind: row for kind, row in report["accuracy_by_failure"].items() if kind != "means"}
     assert sum(row["images"] for row in by_failure.values()) == round(
         (1 - report["eval_pass_rate"]) * report["settings"]["eval_prompts"] * 16)  # every failing image, once

@@ -20,6 +20,9 @@ In the shapes world, with the bundled generator and CLIP, in one run:
                   oracle verdicts (no noise), measured on those images (can the embeddings separate them at
                   all?) and trained on half of the unseen prompts, measured on the other half (does what it
                   learns carry over to other prompts?)
+                  - a head that starts as the CLIP score (its MLP's output zero) trained on the votes for more and
+                    more epochs: does what the votes add move it toward or away from the right ranking, on seen
+                    prompts held out of its training and on unseen ones?
                   - the CLIP image tower itself tuned on the votes (prompt classification among rule-perturbed
                     prompts, count hard negatives included, + the pairwise term, on cosines): a better
                     representation instead of a head; and tuned on half the unseen prompts' oracle verdicts,
@@ -102,6 +105,71 @@ def generalization_probe(image_emb: torch.Tensor, text_emb: torch.Tensor, passes
     return {"means": "heads fitted to the unseen images' own oracle verdicts: measured on them (in_sample), and "
                      "fitted on half the unseen prompts, measured on the other half (other_prompts)",
             "in_sample": round(float(in_sample), 4), "other_prompts": round(float(other_prompts), 4)}
+
+
+ANCHOR_SCALE = 100.0  # cosine -> logit in the anchored head: the CLIP score's sd on these prompts (~0.1) is 10 logits
+ANCHOR_EPOCHS = (1, 3, 10, 40)
+
+
+def anchored_head(embed_dim: int, hidden, mean_cosine: float):
+    """A probe, not the served head: logit = s * cos(image, text) + MLP([image, text]), s learnable from
+    ANCHOR_SCALE, the MLP's last layer zero but for its bias, -s * mean_cosine (so that the sigmoid starts
+    unsaturated). Before any step it ranks every prompt's images exactly as the CLIP score does; training adds the
+    votes' correction."""
+    from alignloop.kernels.onnx_scorer import clip_score
+    from alignloop.rewards import RewardHead
+
+    class AnchoredHead(RewardHead):
+        def __init__(self):
+            super().__init__(embed_dim, hidden)
+            self.scale = torch.nn.Parameter(torch.tensor(ANCHOR_SCALE))
+            torch.nn.init.zeros_(self.mlp[-1].weight)
+            torch.nn.init.constant_(self.mlp[-1].bias, -ANCHOR_SCALE * mean_cosine)
+
+        def logits(self, image_emb, text_emb):
+            return super().logits(image_emb, text_emb) + self.scale * clip_score(image_emb, text_emb)
+
+    return AnchoredHead()
+
+
+def anchored_probe(clip, train_emb: np.ndarray, train_texts: list, labels, eval_emb: torch.Tensor,
+                   eval_text_emb: torch.Tensor, passes: np.ndarray, groups: np.ndarray, config) -> dict:
+    """Does training on the votes move a head that starts as the CLIP score toward or away from it, on held-out
+    seen prompts (a quarter of the seen prompts by the gate's hash split, measured on their votes, as the gate
+    measures) and on unseen prompts (the oracle's pairs)? One anchored head per epoch count, same seed."""
+    import dataclasses
+
+    from alignloop.kernels.onnx_scorer import clip_score
+    from alignloop.trainer.reward_model import (build_examples, embed_texts, held_out_mask, preference_accuracy,
+                                                prompt_groups, train_head)
+
+    encode = lambda texts: embed_texts(clip, texts)  # noqa: E731
+    held = held_out_mask(train_texts, 0.25)
+    train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    labels = np.asarray(labels)
+    train = build_examples(train_emb[train_rows], [train_texts[i] for i in train_rows], labels[train_rows], encode,
+                           config.seed)
+    seen = build_examples(train_emb[held_rows], [train_texts[i] for i in held_rows], labels[held_rows], encode,
+                          config.seed)
+    seen_groups = prompt_groups(seen)
+    mean_cosine = float(clip_score(train.image, train.text[train.prompt_id]).mean())
+
+    def accuracies(score):
+        with torch.no_grad():
+            on_seen, _ = preference_accuracy(score(seen.image, seen.text[seen.prompt_id]), seen_groups, seen.label)
+            on_unseen, _ = preference_accuracy(score(eval_emb, eval_text_emb), groups, passes)
+        return {"held_out_seen": None if on_seen is None else round(float(on_seen), 4),
+                "unseen": None if on_unseen is None else round(float(on_unseen), 4)}
+
+    rows = {"clip_score": accuracies(clip_score)}
+    for epochs in ANCHOR_EPOCHS:
+        head = train_head(train, dataclasses.replace(config, epochs=epochs), progress=False,
+                          head=anchored_head(train.image.shape[1], config.hidden, mean_cosine))
+        rows[f"epochs_{epochs}"] = accuracies(head.logits)
+    return {"means": "preference accuracy of a head that starts as the CLIP score (anchored_head) after training on "
+                     "the votes of three quarters of the seen prompts for that many epochs: on the other quarter's "
+                     "votes (held_out_seen, as the gate measures) and on the unseen prompts' oracle pairs",
+            "train_votes": len(train_rows), "held_out_seen_votes": len(held_rows), **rows}
 
 
 def failure_kind(verdict: dict, text: str) -> str:
@@ -295,8 +363,13 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
 
     image_emb = torch.from_numpy(embed_images(clip, lambda ids: select(eval_images, [int(i) for i in ids]),
                                               [str(i) for i in range(len(eval_images))]))
-    probe = generalization_probe(image_emb, embed_texts(clip, texts), passes.numpy().astype(bool), groups, seed,
+    text_emb = embed_texts(clip, texts)
+    probe = generalization_probe(image_emb, text_emb, passes.numpy().astype(bool), groups, seed,
                                  epochs=40 if quick else 200)
+    train_emb = embed_images(clip, lambda ids: select(images, [int(i) for i in ids]),
+                             [str(i) for i in range(len(images))])
+    anchored = anchored_probe(clip, train_emb, [p.text for p in train_prompts], labels, image_emb, text_emb,
+                              passes.numpy(), groups, base)
     tower = tower_probe(clip, images, [p.text for p in train_prompts], labels, eval_images, texts,
                         passes.numpy().astype(int), groups, scores["clip"].numpy(), seed, epochs=1 if quick else 3)
     kinds = np.array([failure_kind(verdict, text) for verdict, text in zip(oracle_info["verdicts"], texts)])
@@ -335,7 +408,7 @@ def run(quick: bool = False, seed: int = 0, steps: int = 20, guidance: float = 5
         "generalization_probe": {**probe, "noise_free_votes": round(accuracy["noise_free_votes"], 4),
                                  "noise_free_votes_means": "unseen preference accuracy of the full-loss head trained "
                                  "on the oracle's verdicts of the training images instead of the rater's votes",
-                                 "tuned_image_tower": tower},
+                                 "tuned_image_tower": tower, "anchored_head": anchored},
         "eval_pass_rate": round(float(passes.mean()), 4),
         "training": {name: t.counts for name, t in trained.items()},
         "gap_closed": round((best["learned"] - best["clip"]) / gap, 4) if gap > 0 else None,
@@ -367,6 +440,12 @@ def summary_lines(report: dict) -> list:
     lines.append(f"probe, CLIP image tower tuned on the votes, by epoch: {tower['votes_by_epoch']} (frozen CLIP score "
                  f"{acc['clip']:.3f}); tuned on half the unseen prompts' oracle verdicts, the other half: "
                  f"{tower['other_unseen_by_epoch']} (frozen {tower['frozen_on_odd_unseen']})")
+    anchored = probe["anchored_head"]
+    by_epochs = ", ".join(f"{k.replace('epochs_', '')} {v['held_out_seen']} / {v['unseen']}"
+                          for k, v in anchored.items() if k.startswith("epochs_"))
+    lines.append(f"probe, a head that starts as the CLIP score, by epochs on the votes (held-out seen / unseen): "
+                 f"{by_epochs} (CLIP score {anchored['clip_score']['held_out_seen']} / "
+                 f"{anchored['clip_score']['unseen']})")
     if report["gap_closed"] is not None:
         lines.append(f"gap closed (learned - clip) / (oracle - clip): {report['gap_closed']:.3f}")
     return lines

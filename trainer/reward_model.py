@@ -314,11 +314,12 @@ def sample_negatives(ex: Examples, rows: torch.Tensor, n_neg: int, generator: to
 # -------------------------------------------------------------------------------------------------
 
 def train_head(ex: Examples, config: RewardTrainConfig, metrics_path: Optional[Path] = None,
-               progress: bool = True, desc: str = "reward head") -> RewardHead:
-    """Trains a fresh head on `ex`; one JSON line per step to `metrics_path` when given."""
+               progress: bool = True, desc: str = "reward head", head: Optional[RewardHead] = None) -> RewardHead:
+    """Trains a head on `ex`: a fresh one of config.hidden, or `head` itself from where it stands; one JSON line
+    per step to `metrics_path` when given."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    head = RewardHead(ex.image.shape[1], config.hidden).train()
+    head = (head if head is not None else RewardHead(ex.image.shape[1], config.hidden)).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay)
     pairs = PairSampler(ex.prompt_id, ex.label)
