@@ -7,7 +7,7 @@ from pathlib import Path
 
 def write_durably(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically: readers see the old bytes or the new ones, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -32,3 +32,19 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable: the directory entry is data too."""
     fsync_file(path)
+
+
+def make_dirs_durably(path: Path) -> None:
+    """`mkdir -p path` whose new directories survive a power loss: each one it creates is fsync'd into its parent
+    (a file fsync'd into a directory whose own entry was lost is lost with it)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # another writer made it first (its entry may not be durable yet), or a file is there
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)

@@ -31,3 +31,23 @@ def test_rejects_non_png_bad_ids_and_foreign_uris(tmp_path):
         store.get("file:///etc/passwd")
     with pytest.raises(ValueError, match="not inside the image store"):
         store.get(store.url + "/../secret.png")
+
+
+def test_a_new_fan_out_folder_is_made_durable_in_its_parent(tmp_path, monkeypatch):
+    # The PNG is fsync'd into its two-character folder; a folder made for it must be fsync'd into the store's
+    # root too, or a power loss can drop the folder, and every image in it, after put() returned.
+    import alignloop.durable as durable
+
+    synced = []
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda path: synced.append(path) or real(path))
+    root = tmp_path / "images"
+    store = ImageStore(root.as_uri())
+    store.put("ab-1", PNG)
+    assert synced == [root, root / "ab"]  # the new folder's entry, then the file's
+    synced.clear()
+    store.put("ab-2", PNG)
+    assert synced == [root / "ab"]  # an existing folder: only the file's entry
+    (root / "cd").write_bytes(b"a file where a folder belongs")
+    with pytest.raises(OSError):
+        store.put("cd-1", PNG)
