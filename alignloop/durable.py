@@ -36,7 +36,9 @@ def fsync_dir(path: Path) -> None:
 
 def make_dirs_durably(path: Path) -> None:
     """`mkdir -p path` whose new directories survive a power loss: each one it creates is fsync'd into its parent
-    (a file fsync'd into a directory whose own entry was lost is lost with it)."""
+    (a file fsync'd into a directory whose own entry was lost is lost with it). A folder another process has just
+    made, and not yet synced, is taken as it is: the window is that process's mkdir-to-fsync, and a crash in it
+    loses only folders made in that instant."""
     missing = []
     while not path.is_dir():
         missing.append(path)

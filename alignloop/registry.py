@@ -57,7 +57,7 @@ from typing import Literal, Optional, Union, get_args
 import fsspec
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from alignloop.durable import fsync_dir, write_durably
+from alignloop.durable import fsync_dir, make_dirs_durably, write_durably
 from alignloop.errors import UserFacingError
 from alignloop.settings import home
 
@@ -344,7 +344,7 @@ class Registry:
     def _claim(self, kind: str) -> str:
         if self.local:
             kind_dir = Path(self._dir(kind))
-            kind_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(kind_dir)
             while True:
                 version = f"v{self._highest(kind) + 1:06d}"
                 try:

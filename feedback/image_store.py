@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 
 from alignloop.feedback.config import default_image_store_url
-from alignloop.durable import write_durably
+from alignloop.durable import make_dirs_durably, write_durably
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # as alignloop.events.Id: no path separators
@@ -24,7 +24,7 @@ class ImageStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self._local = "file" in _protocols(self.fs)
         if self._local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(Path(self.root))
 
     def uri(self, image_id: str) -> str:
         """The URI `put(image_id, ...)` returns; two-character fan-out keeps directories small."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from alignloop.events import FEEDBACK_SCHEMA, GENERATION_SCHEMAS, FeedbackEvent, GenerationEvent, parse_event
 from alignloop.feedback.config import Topics
-from alignloop.durable import fsync_dir, fsync_file, write_durably
+from alignloop.durable import fsync_dir, fsync_file, make_dirs_durably, write_durably
 from alignloop.feedback.image_store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class SnapshotWriter:
     def __init__(self, out: Path, bootstrap: str, image_store: ImageStore, topics: Topics = Topics(),
                  group_id: str | None = None):
         self.out = Path(out).resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.out)
         self._lock = open(self.out / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop.durable import fsync_dir, write_durably
+from alignloop.durable import fsync_dir, make_dirs_durably, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Spool:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path)  # its segments are fsync'd into it: its own entry must last too
         self._lock_file = open(self.path / ".lock", "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -43,6 +43,8 @@ def test_a_new_fan_out_folder_is_made_durable_in_its_parent(tmp_path, monkeypatc
     monkeypatch.setattr(durable, "fsync_dir", lambda path: synced.append(path) or real(path))
     root = tmp_path / "images"
     store = ImageStore(root.as_uri())
+    assert synced == [tmp_path]  # the store's own folder, made on open
+    synced.clear()
     store.put("ab-1", PNG)
     assert synced == [root, root / "ab"]  # the new folder's entry, then the file's
     synced.clear()

@@ -134,9 +134,10 @@ def anchored_head(embed_dim: int, hidden, mean_cosine: float):
 
 def anchored_probe(clip, train_emb: np.ndarray, train_texts: list, labels, eval_emb: torch.Tensor,
                    eval_text_emb: torch.Tensor, passes: np.ndarray, groups: np.ndarray, config) -> dict:
-    """Does training on the votes move a head that starts as the CLIP score toward or away from it, on held-out
-    seen prompts (a quarter of the seen prompts by the gate's hash split, measured on their votes, as the gate
-    measures) and on unseen prompts (the oracle's pairs)? One anchored head per epoch count, same seed."""
+    """Does training on the votes move a head that starts as the CLIP score toward the right ranking or away from
+    it, on held-out seen prompts (a quarter of the seen prompts by the gate's hash split, measured on their votes, as
+    the gate measures) and on unseen prompts (the oracle's pairs)? One anchored head per epoch count, each from the
+    same initial weights."""
     import dataclasses
 
     from alignloop.kernels.onnx_scorer import clip_score
@@ -146,6 +147,9 @@ def anchored_probe(clip, train_emb: np.ndarray, train_texts: list, labels, eval_
     encode = lambda texts: embed_texts(clip, texts)  # noqa: E731
     held = held_out_mask(train_texts, 0.25)
     train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    if not len(train_rows) or not len(held_rows):
+        raise ValueError(f"the anchored probe needs seen prompts on both sides of its split: {len(train_rows)} "
+                         f"training and {len(held_rows)} held-out votes; draw more prompts")
     labels = np.asarray(labels)
     train = build_examples(train_emb[train_rows], [train_texts[i] for i in train_rows], labels[train_rows], encode,
                            config.seed)
@@ -163,6 +167,7 @@ def anchored_probe(clip, train_emb: np.ndarray, train_texts: list, labels, eval_
 
     rows = {"clip_score": accuracies(clip_score)}
     for epochs in ANCHOR_EPOCHS:
+        torch.manual_seed(config.seed)  # every row's head starts from the same weights
         head = train_head(train, dataclasses.replace(config, epochs=epochs), progress=False,
                           head=anchored_head(train.image.shape[1], config.hidden, mean_cosine))
         rows[f"epochs_{epochs}"] = accuracies(head.logits)

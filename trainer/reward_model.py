@@ -315,8 +315,8 @@ def sample_negatives(ex: Examples, rows: torch.Tensor, n_neg: int, generator: to
 
 def train_head(ex: Examples, config: RewardTrainConfig, metrics_path: Optional[Path] = None,
                progress: bool = True, desc: str = "reward head", head: Optional[RewardHead] = None) -> RewardHead:
-    """Trains a head on `ex`: a fresh one of config.hidden, or `head` itself from where it stands; one JSON line
-    per step to `metrics_path` when given."""
+    """Trains a head on `ex`: a fresh one of config.hidden, initialized from config.seed, or `head` itself from
+    where it stands (its initialization is the caller's); one JSON line per step to `metrics_path` when given."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     head = (head if head is not None else RewardHead(ex.image.shape[1], config.hidden)).train()

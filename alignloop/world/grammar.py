@@ -159,6 +159,8 @@ def perturb(prompt: Prompt, n: int, rng: random.Random, seen_only: bool = False)
     alternatives = [Prompt(prompt.category, c, s, color=col, background=b)
                     for c, s, col, b in itertools.product(counts, SHAPES, colors, backgrounds)]
     alternatives = [p for p in alternatives if p != prompt and not (seen_only and p.unseen)]
+    if not alternatives:  # not in this grammar; a clear error should it ever change so
+        raise ValueError(f"no prompt of the world contradicts {prompt.text!r} (seen_only={seen_only})")
     if n <= len(alternatives):
         return rng.sample(alternatives, n)
     return [rng.choice(alternatives) for _ in range(n)]
