@@ -7,7 +7,7 @@
                  the latest vote per (image, user), anonymous votes once per image, each user's share of the
                  training votes capped, and of the held-out ones (`clean_votes`)
     3. Embed     frozen CLIP image embeddings, computed once and cached per image id; text embeddings of
-                 every prompt and of its rule-perturbed alternatives
+                 every prompt and of its rule-perturbed alternatives (none naming a held-out pair)
     4. Split     a held-out part chosen by the hash of the normalized prompt (`prompt_key`), for the gate
     5. Train     the head on
                      MSE(sigmoid(logit), vote)                                      Lee et al.
