@@ -15,8 +15,7 @@ Guarantees, and how:
 2. Nothing counted twice: a restart resumes from the newest manifest's offsets (a partition it does not name from
    the beginning, never from the group's committed offset: versions are cumulative, and a group ahead of the
    dataset means the folder was moved or wiped, so its events are not in it) and dedupes by event_id against
-   everything already in the
-   dataset, so events re-read after a crash, or re-sent by a producer replaying its spool, are dropped.
+   everything already in the dataset, so events re-read after a crash, or re-sent by a producer replaying its spool, are dropped.
 3. Malformed events (schema violations) are skipped, logged and counted in the manifest, not fatal: one bad
    record must not stop the dataset.
 """

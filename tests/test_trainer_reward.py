@@ -463,7 +463,7 @@ def test_quick_reward_benchmark_prints_every_figure_as_json():
     assert 0 <= report["generalization_probe"]["other_prompts"] <= 1
     anchored = report["generalization_probe"]["anchored_head"]
     assert {"clip_score", "epochs_1", "epochs_40"} <= set(anchored)
-    assert all(0 <= row["unseen"] <= 1 for key, row in anchored.items() if isinstance(row, dict))
+    assert all(0 <= row["unseen"] <= 1 for row in anchored.values() if isinstance(row, dict))
     by_failure = {kind: row for kind, row in report["accuracy_by_failure"].items() if kind != "means"}
     assert sum(row["images"] for row in by_failure.values()) == round(
         (1 - report["eval_pass_rate"]) * report["settings"]["eval_prompts"] * 16)  # every failing image, once

@@ -74,8 +74,7 @@ def add_commands(sub) -> None:
                     "fine-tune the live adapter (or the base) with --method, evaluate it against its parent on "
                     "seen prompts, publish it as a candidate and open the canary rollout unless it passed seen "
                     "prompts worse than its parent beyond chance (--max-drop, --worse-significance). A run that "
-                    "dies is "
-                    "resumed by the next one at its first unfinished stage (or dropped with --abandon) and never "
+                    "dies is resumed by the next one at its first unfinished stage (or dropped with --abandon) and never "
                     "publishes twice; a second run while one holds the lock says who holds it and exits 3. "
                     "State under ALIGNLOOP_HOME/nightly.")
     p.add_argument("--registry", default=None, help="registry URL or folder (default: ALIGNLOOP_REGISTRY or "

@@ -9,12 +9,12 @@
 Held-out pairs never enter the loop's prompts: samples are drawn for seen prompts only (a sample of a prompt that
 leaves its color or background open may still show a held-out pair: the generator chooses), and the pre-training
 renders are of seen prompts with their open attributes drawn away from held-out pairs (`avoid_unseen`).
-`pretraining_renders`
-of alignloop.world.train draws from every prompt (the base models saw them all) and must not be used here.
+`pretraining_renders` of alignloop.world.train draws from every prompt (the base models saw them all) and must not be used here.
 """
 
 import dataclasses
 import hashlib
+import io
 import logging
 import random
 import zipfile
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alignloop.durable import fsync_file
+from alignloop.durable import write_durably
 from alignloop.world.evaluate import image_seed
 from alignloop.world.grammar import all_prompts, sample_prompts, split
 from alignloop.world.oracle import judge
@@ -77,12 +77,10 @@ def draw_samples(pipe, prompts: Sequence, per_prompt: int, steps: int, guidance:
             log.warning("base-sample cache %s unreadable (%s): drawing the samples again", cache, err)
     if samples is None:
         samples = _draw(pipe, jobs, steps, guidance, eta, batch_size, progress)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, seeds=samples.seeds, latents=samples.latents, images=samples.images)
-            fsync_file(tmp)
-            tmp.rename(cache)
+        if cache is not None:  # whole or absent, also with two jobs drawing the same samples at once
+            buffer = io.BytesIO()
+            np.savez(buffer, seeds=samples.seeds, latents=samples.latents, images=samples.images)
+            write_durably(cache, buffer.getvalue())
     # Judged here, never read back from the cache: its name says the generator, not the oracle, and a fixed oracle
     # must not keep yesterday's verdicts (about 2 ms an image)
     samples.passed = np.array([judge(im, p).passed for im, p in zip(samples.images, samples.prompts)])
